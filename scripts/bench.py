@@ -1,0 +1,710 @@
+"""Side-by-side throughput and latency: raw mlx-lm BatchGenerator, mlx-serving, mlx_lm.server.
+
+Usage:
+  python scripts/bench.py [--model-preset small | --model PATH] [--concurrency 1,4,16,32]
+                          [--max-tokens 128] [--prompt-tokens 118] [--requests-per-level N]
+                          [--skip mlx_lm_server] [--json OUT]
+
+Every backend gets the same prompts (the same token ids, distinct first tokens so no prefix
+cache helps), the same max_tokens, greedy decoding and EOS ignored, as closed-loop clients:
+each of N clients sends its next request when the previous one ends. Backends run one after
+another, never at the same time: both servers first (each stopped before the next starts),
+then the raw BatchGenerator in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_PATHS = [str(ROOT / "server"), str(ROOT / "stubs" / "src")]
+sys.path[:0] = [*SOURCE_PATHS, str(ROOT / "scripts")]
+
+from make_bench_model import PRESETS, bench_model_path  # noqa: E402
+
+RAW, MLX_SERVING, MLX_LM_SERVER = "raw", "mlx_serving", "mlx_lm_server"
+BACKENDS = (RAW, MLX_SERVING, MLX_LM_SERVER)
+MODEL_ID = "bench"
+HOST = "127.0.0.1"
+LISTENING = re.compile(r"mlx-serving listening on (\S+):(\d+)")
+# Warm-up: short prompts (prefill is slow on CPU), enough decode steps to reach every batch size.
+WARMUP_PROMPT_TOKENS, WARMUP_TOKENS = 8, 4
+
+# Targets from the issue: (2)/(1) tok/s everywhere; (2)/(3) tok/s at 32 and TTFT p50 at 16.
+RAW_RATIO_MIN = 0.97
+SERVER_TOKS_RATIO_MIN, SERVER_TOKS_AT = 3.0, 32
+SERVER_TTFT_RATIO_MAX, SERVER_TTFT_AT = 0.3, 16
+
+
+# ---- measurements ------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    # Decodes from ids and encodes back to exactly them, for the text-only HTTP server.
+    text: str
+
+
+@dataclass
+class RequestResult:
+    start: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    error: str | None = None
+
+    def arrived(self, n: int, now: float) -> None:
+        """n tokens reached the client in one message; its gap is spread over them."""
+        if n <= 0:
+            return
+        if self.first is None:
+            self.first = now
+        else:
+            self.itl.extend([(now - self.last) / n] * n)
+        self.last = now
+        self.tokens += n
+
+
+@dataclass
+class LevelResult:
+    backend: str
+    concurrency: int
+    requests: int
+    failures: int
+    # Requests that ended before max_tokens (EOS not ignored, or cut short).
+    short: int
+    tokens: int
+    wall_s: float
+    tok_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    itl_p50_ms: float
+    prompt_tokens: list[int]
+    errors: list[str]
+    # CPU seconds spent during the level by the server process and by this (client) process;
+    # for raw, everything is this process and counts as server. None where unreadable.
+    server_cpu_s: float | None = None
+    client_cpu_s: float | None = None
+
+
+def summarize(
+    backend: str, concurrency: int, results: list[RequestResult], wall: float, max_tokens: int
+) -> LevelResult:
+    ok = [r for r in results if r.error is None and r.first is not None]
+    ttft = [1e3 * (r.first - r.start) for r in ok]
+    itl = [1e3 * gap for r in ok for gap in r.itl]
+    tokens = sum(r.tokens for r in ok)
+    return LevelResult(
+        backend=backend,
+        concurrency=concurrency,
+        requests=len(results),
+        failures=len(results) - len(ok),
+        short=sum(r.tokens < max_tokens for r in ok),
+        tokens=tokens,
+        wall_s=wall,
+        tok_s=tokens / wall if wall > 0 else 0.0,
+        ttft_p50_ms=percentile(ttft, 50),
+        ttft_p95_ms=percentile(ttft, 95),
+        itl_p50_ms=percentile(itl, 50),
+        prompt_tokens=sorted({r.prompt_tokens for r in ok if r.prompt_tokens is not None}),
+        errors=sorted({r.error for r in results if r.error})[:5],
+    )
+
+
+def process_cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU time of this process, or of another one by pid (Linux /proc)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def closed_loop(
+    call: Callable[[Prompt, int], Awaitable[RequestResult]],
+    prompts: list[Prompt],
+    concurrency: int,
+    max_tokens: int,
+) -> tuple[list[RequestResult], float]:
+    """`concurrency` clients share the prompt list, each sending its next when one ends."""
+    pending, results = iter(prompts), []
+
+    async def client() -> None:
+        for prompt in pending:
+            results.append(await call(prompt, max_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+
+def make_prompts(
+    tokenizer, count: int, n_tokens: int, seed: int = 0, firsts: set[int] | None = None
+) -> list[Prompt]:
+    """Distinct prompts of exactly n_tokens ids that survive decode → encode unchanged.
+
+    Distinct first tokens (none of them in, and each added to, `firsts`) keep every prefix
+    cache (ours and mlx_lm.server's) out of play.
+    """
+    from mlx_serving.engine.default_model import CORPUS
+
+    words, rng = CORPUS.split(), random.Random(seed)
+    prompts, firsts = [], set() if firsts is None else firsts
+    for _ in range(count * 200):
+        text = " ".join(rng.choice(words) for _ in range(2 * n_tokens + 20))
+        offset = rng.randrange(8)
+        ids = tokenizer.encode(text, add_special_tokens=False)[offset : offset + n_tokens]
+        text = tokenizer.decode(ids)
+        if len(ids) == n_tokens and ids[0] not in firsts and tokenizer.encode(text) == ids:
+            prompts.append(Prompt(ids, text))
+            firsts.add(ids[0])
+            if len(prompts) == count:
+                return prompts
+    raise SystemExit(f"could only make {len(prompts)} distinct {n_tokens}-token prompts")
+
+
+# ---- servers as subprocesses -------------------------------------------------------------
+
+
+class ServerProcess:
+    """A server subprocess whose merged output is drained (and its tail kept) as it runs."""
+
+    def __init__(self, name: str, argv: list[str]):
+        self.name, self.argv = name, argv
+        self.tail: collections.deque[str] = collections.deque(maxlen=60)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task | None = None
+        self._watch: list[tuple[re.Pattern, asyncio.Future]] = []
+
+    async def start(self) -> None:
+        paths = [*SOURCE_PATHS, os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+        )
+        self._drain = asyncio.create_task(self._read())
+
+    async def wait_for_line(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        future = asyncio.get_running_loop().create_future()
+        self._watch.append((pattern, future))
+        for line in self.tail:
+            if match := pattern.search(line):
+                return match
+        return await asyncio.wait_for(future, timeout)
+
+    async def _read(self) -> None:
+        while line := await self.proc.stdout.readline():
+            text = line.decode(errors="replace").rstrip()
+            self.tail.append(text)
+            for pattern, future in self._watch:
+                if not future.done() and (match := pattern.search(text)):
+                    future.set_result(match)
+        for _, future in self._watch:
+            if not future.done():
+                future.set_exception(RuntimeError(f"{self.name} exited: {self.log()}"))
+
+    def check_alive(self) -> None:
+        if self.proc.returncode is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
+
+    def log(self) -> str:
+        return "\n  | " + "\n  | ".join(self.tail)
+
+    async def stop(self, grace: float = 20.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._drain:
+            await self._drain
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# ---- (2) mlx-serving over gRPC -----------------------------------------------------------
+
+
+class MlxServingBackend:
+    """The real server as a subprocess, driven by asyncio gRPC clients on one channel."""
+
+    name = MLX_SERVING
+
+    def __init__(self, model: Path, startup_timeout: float, extra_args: list[str]):
+        argv = [sys.executable, "-m", "mlx_serving.server.cli", "serve", "--host", HOST]
+        argv += ["--port", "0", "--model", f"{MODEL_ID}={model}", *extra_args]
+        self.server = ServerProcess(self.name, argv)
+        self.startup_timeout = startup_timeout
+        self.channel = None
+
+    async def __aenter__(self) -> MlxServingBackend:
+        import grpc
+
+        from mlx_serving.v1 import generate_service_pb2 as pb
+        from mlx_serving.v1 import generate_service_pb2_grpc as pb_grpc
+
+        self.pb = pb
+        self.ignore_eos = "ignore_eos" in pb.GenerateRequest.DESCRIPTOR.fields_by_name
+        await self.server.start()
+        match = await self.server.wait_for_line(LISTENING, self.startup_timeout)
+        self.channel = grpc.aio.insecure_channel(f"{match[1]}:{match[2]}")
+        self.stub = pb_grpc.GenerateServiceStub(self.channel)
+        await self._wait_serving()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        await self.server.stop()
+
+    async def _wait_serving(self) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            self.server.check_alive()
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"mlx-serving never became SERVING: {self.server.log()}")
+
+    def make_request(self, prompt: Prompt, max_tokens: int):
+        request = self.pb.GenerateRequest(
+            model_id=MODEL_ID,
+            tokens=self.pb.TokenIds(ids=prompt.ids),
+            max_tokens=max_tokens,
+            temperature=0.0,
+        )
+        if self.ignore_eos:
+            request.ignore_eos = True
+        return request
+
+    async def generate(self, prompt: Prompt, max_tokens: int) -> RequestResult:
+        request = self.make_request(prompt, max_tokens)
+        result = RequestResult(start=time.perf_counter())
+        try:
+            async for reply in self.stub.Generate(request):
+                result.arrived(len(reply.token_ids), time.perf_counter())
+                if reply.HasField("usage"):
+                    result.prompt_tokens = reply.usage.prompt_tokens
+        except Exception as exc:
+            result.error = describe_error(exc)
+        return result
+
+    async def run_level(self, prompts, concurrency, max_tokens):
+        return await closed_loop(self.generate, prompts, concurrency, max_tokens)
+
+    def server_pid(self) -> int | None:
+        return self.server.proc.pid
+
+
+def describe_error(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if callable(code):
+        return f"{code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ---- (3) mlx_lm.server over HTTP ---------------------------------------------------------
+
+
+class MlxLmServerBackend:
+    """mlx_lm.server with its default batching (decode 32, prefill 8), streaming completions.
+
+    It takes text prompts only, so each prompt's text (which encodes back to the same ids)
+    is sent, and the prompt_tokens it reports prove it. It has no ignore_eos; the random
+    models never pick EOS (its logit row is zero), and `short` counts any that stop early.
+    """
+
+    name = MLX_LM_SERVER
+
+    def __init__(self, model: Path, startup_timeout: float):
+        self.port = free_port()
+        argv = [sys.executable, "-m", "mlx_lm.server", "--model", str(model)]
+        argv += ["--host", HOST, "--port", str(self.port)]
+        self.server = ServerProcess(self.name, argv)
+        self.startup_timeout = startup_timeout
+
+    async def __aenter__(self) -> MlxLmServerBackend:
+        await self.server.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            self.server.check_alive()
+            try:
+                if await http_get_status(HOST, self.port, "/health") == 200:
+                    return self
+            except OSError:
+                pass
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"mlx_lm.server never answered /health: {self.server.log()}")
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop()
+
+    async def generate(self, prompt: Prompt, max_tokens: int) -> RequestResult:
+        body = {
+            "prompt": prompt.text,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        result = RequestResult(start=time.perf_counter())
+        usage = None
+        try:
+            async for now, event in post_sse(HOST, self.port, "/v1/completions", body):
+                for choice in event.get("choices") or ():
+                    result.arrived(1 if choice.get("text") else 0, now)
+                usage = event.get("usage") or usage
+        except Exception as exc:
+            result.error = describe_error(exc)
+            return result
+        if usage is None:
+            result.error = "no usage in the stream"
+        else:
+            # Events carry text, not ids: a held-back partial character makes one event hold two.
+            result.tokens = usage["completion_tokens"]
+            result.prompt_tokens = usage["prompt_tokens"]
+        return result
+
+    async def run_level(self, prompts, concurrency, max_tokens):
+        return await closed_loop(self.generate, prompts, concurrency, max_tokens)
+
+    def server_pid(self) -> int | None:
+        return self.server.proc.pid
+
+
+async def http_get_status(host: str, port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        return int((await reader.readline()).split()[1])
+    finally:
+        writer.close()
+
+
+async def post_sse(host: str, port: int, path: str, payload: dict):
+    """POST a JSON body and yield (arrival time, event) for each server-sent `data:` event."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        body = json.dumps(payload).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+        status = await reader.readline()
+        while (await reader.readline()).strip():
+            pass
+        if status.split()[1:2] != [b"200"]:
+            detail = (await reader.read(300)).decode(errors="replace")
+            raise ConnectionError(f"HTTP {status.decode().strip()} {detail}")
+        while line := await reader.readline():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            yield time.perf_counter(), json.loads(data)
+        raise ConnectionError("the stream ended before [DONE]")
+    finally:
+        writer.close()
+
+
+# ---- (1) raw BatchGenerator in this process ----------------------------------------------
+
+
+class RawBackend:
+    """mlx-lm's BatchGenerator with the engine's batch settings and no wire: the ceiling."""
+
+    name = RAW
+
+    def __init__(self, model: Path):
+        self.model_path = model
+
+    async def __aenter__(self) -> RawBackend:
+        from mlx_lm import load
+
+        from mlx_serving.engine.config import EngineConfig
+
+        self.model, _ = load(str(self.model_path))
+        self.config = EngineConfig()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        del self.model
+
+    def server_pid(self) -> None:
+        return None
+
+    async def run_level(self, prompts, concurrency, max_tokens):
+        """Runs on this thread (MLX streams are thread-local); nothing else runs meanwhile."""
+        from mlx_lm.generate import BatchGenerator
+
+        generator = BatchGenerator(
+            self.model,
+            stop_tokens=None,
+            completion_batch_size=self.config.max_batch_size,
+            prefill_batch_size=self.config.prefill_batch_size,
+            prefill_step_size=self.config.prefill_step_size,
+        )
+        try:
+            return raw_closed_loop(generator, prompts, concurrency, max_tokens)
+        finally:
+            generator.close()
+
+
+def raw_closed_loop(generator, prompts, concurrency, max_tokens):
+    """A finished request's client inserts its next prompt before the following step."""
+    pending, active, done = collections.deque(prompts), {}, []
+
+    def insert() -> None:
+        prompt = pending.popleft()
+        result = RequestResult(start=time.perf_counter(), prompt_tokens=len(prompt.ids))
+        (uid,) = generator.insert([prompt.ids], max_tokens=[max_tokens])
+        active[uid] = result
+
+    start = time.perf_counter()
+    for _ in range(min(concurrency, len(pending))):
+        insert()
+    while active:
+        _, responses = generator.next()
+        now = time.perf_counter()
+        for response in responses:
+            active[response.uid].arrived(1, now)
+            if response.finish_reason is not None:
+                done.append(active.pop(response.uid))
+                if pending:
+                    insert()
+    return done, time.perf_counter() - start
+
+
+# ---- driving and reporting ---------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    levels: list[int]
+    max_tokens: int
+    prompt_tokens: int
+    warmup: list[Prompt]
+    per_level: dict[int, list[Prompt]]
+
+
+def make_plan(tokenizer, levels: list[int], max_tokens: int, prompt_tokens: int, per_level: int | None) -> Plan:
+    counts = {c: per_level or 2 * c for c in levels}
+    firsts: set[int] = set()
+    prompts = make_prompts(tokenizer, sum(counts.values()), prompt_tokens, firsts=firsts)
+    warmup = make_prompts(tokenizer, max(levels), WARMUP_PROMPT_TOKENS, seed=1, firsts=firsts)
+    split, at = {}, 0
+    for c in levels:
+        split[c], at = prompts[at : at + counts[c]], at + counts[c]
+    return Plan(levels, max_tokens, prompt_tokens, warmup, split)
+
+
+async def run_backend(backend, plan: Plan) -> dict[int, LevelResult]:
+    """Warm up (every batch size up to the largest level), then run each level in turn."""
+    async with backend:
+        results, _ = await backend.run_level(plan.warmup, len(plan.warmup), WARMUP_TOKENS)
+        if failed := [r.error for r in results if r.error]:
+            raise RuntimeError(f"{backend.name} warm-up failed: {failed[0]}")
+        levels = {}
+        for c in plan.levels:
+            server_pid = backend.server_pid()
+            before = process_cpu_seconds(server_pid), process_cpu_seconds()
+            results, wall = await backend.run_level(plan.per_level[c], c, plan.max_tokens)
+            after = process_cpu_seconds(server_pid), process_cpu_seconds()
+            levels[c] = summarize(backend.name, c, results, wall, plan.max_tokens)
+            levels[c].server_cpu_s = cpu_delta(before[0], after[0])
+            if server_pid is not None:
+                levels[c].client_cpu_s = cpu_delta(before[1], after[1])
+            print(f"  {backend.name} c={c}: {levels[c].tok_s:.1f} tok/s", flush=True)
+        return levels
+
+
+def ratio(a: LevelResult | None, b: LevelResult | None, attr: str) -> float | None:
+    if a is None or b is None or not getattr(b, attr):
+        return None
+    return getattr(a, attr) / getattr(b, attr)
+
+
+def level_checks(c: int, rows: dict[str, LevelResult]) -> list[dict]:
+    """The issue's targets that apply at this concurrency."""
+    ours, raw, peer = rows.get(MLX_SERVING), rows.get(RAW), rows.get(MLX_LM_SERVER)
+    checks = []
+    if (r := ratio(ours, raw, "tok_s")) is not None:
+        checks.append(check(c, "tok/s mlx_serving/raw", r, r >= RAW_RATIO_MIN, f">= {RAW_RATIO_MIN}"))
+    if c == SERVER_TOKS_AT and (r := ratio(ours, peer, "tok_s")) is not None:
+        ok = r >= SERVER_TOKS_RATIO_MIN and ours.failures == 0
+        target = f">= {SERVER_TOKS_RATIO_MIN}, 0 failures (had {ours.failures})"
+        checks.append(check(c, "tok/s mlx_serving/mlx_lm_server", r, ok, target))
+    if c == SERVER_TTFT_AT and (r := ratio(ours, peer, "ttft_p50_ms")) is not None:
+        target = f"<= {SERVER_TTFT_RATIO_MAX}"
+        checks.append(check(c, "TTFT p50 mlx_serving/mlx_lm_server", r, r <= SERVER_TTFT_RATIO_MAX, target))
+    return checks
+
+
+def check(c: int, name: str, value: float, ok: bool, target: str) -> dict:
+    return {"concurrency": c, "name": name, "value": value, "target": target, "pass": ok}
+
+
+def format_level(c: int, rows: dict[str, LevelResult], plan: Plan, checks: list[dict]) -> str:
+    n = len(plan.per_level[c])
+    lines = [
+        f"\n== concurrency {c}: {n} requests, max_tokens {plan.max_tokens}, "
+        f"{plan.prompt_tokens} prompt tokens ==",
+        f"{'backend':<15}{'tok/s':>10}{'TTFT p50':>11}{'TTFT p95':>11}{'ITL p50':>10}"
+        f"{'fail':>6}{'short':>7}{'cpu srv/cli':>14}  prompt_tokens",
+    ]
+    for name in BACKENDS:
+        if (r := rows.get(name)) is not None:
+            lines.append(
+                f"{name:<15}{r.tok_s:>10.1f}{r.ttft_p50_ms:>9.1f}ms{r.ttft_p95_ms:>9.1f}ms"
+                f"{r.itl_p50_ms:>8.1f}ms{r.failures:>6}{r.short:>7}{format_cpu(r):>14}"
+                f"  {r.prompt_tokens}"
+                + (f"  errors: {r.errors}" if r.errors else "")
+            )
+    ours = rows.get(MLX_SERVING)
+    for peer in (RAW, MLX_LM_SERVER):
+        toks, ttft = ratio(ours, rows.get(peer), "tok_s"), ratio(ours, rows.get(peer), "ttft_p50_ms")
+        if toks is not None:
+            lines.append(f"mlx_serving/{peer}: tok/s x{toks:.3f}, TTFT p50 x{ttft:.3f}")
+    for item in checks:
+        verdict = "PASS" if item["pass"] else "FAIL"
+        lines.append(f"[{verdict}] {item['name']} = {item['value']:.3f} (target {item['target']})")
+    return "\n".join(lines)
+
+
+def format_cpu(r: LevelResult) -> str:
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    return f"{seconds(r.server_cpu_s)}/{seconds(r.client_cpu_s)}s"
+
+
+def make_backends(args, model: Path) -> list:
+    """Servers first, each stopped before the next starts; the in-process raw run last."""
+    backends = []
+    if MLX_LM_SERVER not in args.skip:
+        backends.append(MlxLmServerBackend(model, args.startup_timeout))
+    if MLX_SERVING not in args.skip:
+        backends.append(MlxServingBackend(model, args.startup_timeout, args.server_arg))
+    if RAW not in args.skip:
+        backends.append(RawBackend(model))
+    return backends
+
+
+async def run(args) -> dict:
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    model = args.model or bench_model_path(args.model_preset)
+    plan = make_plan(
+        load_tokenizer(model), args.concurrency, args.max_tokens, args.prompt_tokens,
+        args.requests_per_level,
+    )
+    backends = make_backends(args, model)
+    print(f"model {model}; backends {[b.name for b in backends]}", flush=True)
+    by_backend = {}
+    for backend in backends:
+        by_backend[backend.name] = await run_backend(backend, plan)
+    report = {"model": str(model), "config": describe_args(args), "levels": {}, "checks": []}
+    for c in plan.levels:
+        rows = {name: levels[c] for name, levels in by_backend.items()}
+        checks = level_checks(c, rows)
+        print(format_level(c, rows, plan, checks))
+        report["levels"][str(c)] = {name: asdict(r) for name, r in rows.items()}
+        report["checks"] += checks
+    verdict = all(item["pass"] for item in report["checks"])
+    print(f"\ntargets: {'PASS' if verdict else 'FAIL'} ({len(report['checks'])} checked)")
+    return report
+
+
+def describe_args(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def name_list(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    if bad := set(names) - set(BACKENDS):
+        raise argparse.ArgumentTypeError(f"unknown backends {sorted(bad)}; choose from {BACKENDS}")
+    return names
+
+
+def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="a model directory (Hugging Face layout)")
+    source.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 32])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=118)
+    parser.add_argument("--requests-per-level", type=int, help="default: 2 x concurrency")
+    parser.add_argument("--skip", type=name_list, action="extend", default=[], help=",".join(BACKENDS))
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--server-arg", action="append", default=[],
+        help="extra argument for `mlx_serving.server.cli serve`, as --server-arg=--flag=value",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = asyncio.run(run(args))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

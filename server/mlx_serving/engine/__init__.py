@@ -1,0 +1,1 @@
+"""Model loading and generation engine for mlx-serving."""

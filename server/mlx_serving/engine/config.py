@@ -1,0 +1,25 @@
+"""The engine's knobs, validated once by the server and frozen from then on."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Most sequences decoded together per model (mlx-lm's completion_batch_size).
+    max_batch_size: int = 32
+    # Requests allowed to wait for a batch slot; beyond them new requests are refused.
+    max_queued_requests: int = 256
+    # Most prompts prefilled together per model.
+    prefill_batch_size: int = 8
+    # Prompt tokens processed per prefill step, so a long prompt does not stall decoding.
+    prefill_step_size: int = 512
+    # When idle, wait this long for more arrivals before the first step, to batch them.
+    coalesce_seconds: float = 0.002
+    # KV-cache bytes kept for prefix reuse, counting the caches of the running batch.
+    prefix_cache_bytes: int = 2 << 30
+    # Most cached prefixes kept, whatever their size.
+    prefix_cache_entries: int = 64
+    # Seconds a shutdown waits for in-flight generations before cancelling them.
+    shutdown_grace_seconds: float = 10.0
+    # What a refused request is told to wait before retrying.
+    retry_after_seconds: float = 1.0

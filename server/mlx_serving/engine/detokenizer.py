@@ -1,0 +1,39 @@
+"""Streaming detokenization that never splits a character and never changes the text.
+
+mlx-lm's BPEStreamingDetokenizer drops the first generated token's leading space and turns
+byte 0x00 into "Ā", so its stream does not concatenate to `tokenizer.decode(ids)`. This one
+decodes a small sliding window with the tokenizer itself (the approach of TGI and vLLM), so
+it works for every tokenizer and the stream always concatenates to the full decode.
+"""
+
+
+class StreamingDetokenizer:
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        # decode(ids[prefix_offset:read_offset]); only changes when the window moves.
+        self._prefix_text = ""
+
+    def add_token(self, token: int) -> str:
+        """The new text this token completes; empty while a character is still partial."""
+        self._ids.append(token)
+        new_text = self._decode(self._prefix_offset)
+        if len(new_text) <= len(self._prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        delta = new_text[len(self._prefix_text) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix_text = self._decode(self._prefix_offset)
+        return delta
+
+    def finalize(self) -> str:
+        """Whatever is held back, decoded with replacement characters if it never completed."""
+        delta = self._decode(self._prefix_offset)[len(self._prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self._prefix_text = ""
+        return delta
+
+    def _decode(self, start: int) -> str:
+        ids = self._ids[start:]
+        return self._tokenizer.decode(ids, skip_special_tokens=False) if ids else ""

@@ -1,0 +1,648 @@
+"""The engine: an asyncio facade over one thread that owns every MLX object.
+
+MLX streams are thread-local, so the model, its caches and mlx-lm's BatchGenerator are only
+ever touched by the engine thread. The event loop talks to it through a command queue; the
+thread sends results back with `loop.call_soon_threadsafe`, once per step for all requests.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from .config import EngineConfig
+from .detokenizer import StreamingDetokenizer
+from .errors import (
+    EngineOverloaded,
+    EngineUnavailable,
+    FieldViolation,
+    InvalidRequest,
+    ModelAlreadyExists,
+    ModelNotFound,
+    ModelNotReady,
+    RequestAborted,
+)
+from .events import (
+    ErrorOccurred,
+    Event,
+    EventBus,
+    GenerationCompleted,
+    GenerationStarted,
+    ModelLoaded,
+    ModelUnloaded,
+    Subscription,
+)
+from .loading import LoadedModel, load_model
+from .models import ModelInfo, ModelSource, ModelState
+from .requests import FinishReason, GenerationChunk, GenerationRequest, Usage
+from .sampling import make_logits_processors, make_sampler
+from .stopping import StopMatcher
+
+log = logging.getLogger(__name__)
+
+# Sent down a request's queue to end it.
+_END = object()
+
+
+@dataclass
+class Ticket:
+    """The reader's side of a request; the engine thread attaches the sequence it admits."""
+
+    outbox: asyncio.Queue
+    internal: bool
+    sequence: "Sequence | None" = None
+    finished: bool = False
+
+
+@dataclass
+class Sequence:
+    """Engine-thread state of one request."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    max_tokens: int
+    context_clipped: bool
+    ticket: Ticket
+    detokenizer: StreamingDetokenizer
+    stop_matcher: StopMatcher | None
+    eos: frozenset[int]
+    cached_tokens: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float = 0.0
+    completion_tokens: int = 0
+    uid: int = -1
+
+
+@dataclass
+class ModelSlot:
+    """A loaded model with its batch generator and the sequences it runs."""
+
+    loaded: LoadedModel
+    generator: BatchGenerator
+    sequences: dict[int, Sequence] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.events = EventBus()
+        self._infos: dict[str, ModelInfo] = {}
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._slots: dict[str, ModelSlot] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = asyncio.Event()
+        self._running = False
+        self._draining = False
+        self._dead = False
+        self._active = 0
+        self._deliveries: list[tuple[asyncio.Queue, Any]] = []
+        self._prefix_cache = LRUPromptCache(
+            max_size=config.prefix_cache_entries, max_bytes=config.prefix_cache_bytes
+        )
+
+    # ---- life cycle (event loop side) -------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs and has not died (it may be draining)."""
+        return self._running and not self._dead
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def active_requests(self) -> int:
+        return self._active
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Refuse new work, let in-flight requests finish within `grace`, then end the rest."""
+        if not self._running:
+            return
+        self._draining = True
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not self._dead:
+            await self._call(self._abort_all, RequestAborted("the server is shutting down"))
+        self._running = False
+        self._commands.put(lambda: None)
+        await asyncio.to_thread(self._thread.join)
+        self.events.close()
+
+    # ---- models ----------------------------------------------------------------------
+
+    async def load_model(self, source: ModelSource, model_id: str = "") -> ModelInfo:
+        self._check_accepting()
+        model_id = model_id or source.default_model_id()
+        if model_id in self._infos:
+            raise ModelAlreadyExists(model_id)
+        self._infos[model_id] = ModelInfo(
+            model_id=model_id, source=source, state=ModelState.LOADING
+        )
+        # A caller that gives up (cancel, deadline) does not stop the load: it finishes and the
+        # model stays listed, rather than sitting in memory unlisted.
+        return await asyncio.shield(asyncio.ensure_future(self._finish_load(source, model_id)))
+
+    async def _finish_load(self, source: ModelSource, model_id: str) -> ModelInfo:
+        try:
+            info = await self._call(self._load, source, model_id)
+        except BaseException:
+            self._infos.pop(model_id, None)
+            raise
+        self._infos[model_id] = info
+        return info
+
+    async def unload_model(self, model_id: str) -> None:
+        self._check_accepting()
+        info = self.get_model(model_id)
+        if info.state is not ModelState.READY:
+            raise ModelNotReady(model_id, info.state.value)
+        await self._call(self._unload, model_id)
+        self._infos.pop(model_id, None)
+
+    def list_models(self) -> list[ModelInfo]:
+        return list(self._infos.values())
+
+    def get_model(self, model_id: str) -> ModelInfo:
+        try:
+            return self._infos[model_id]
+        except KeyError:
+            raise ModelNotFound(model_id) from None
+
+    async def warm_up(self) -> None:
+        """Generate one token on every ready model, so readiness means a token was produced."""
+        for info in self.list_models():
+            if info.state is ModelState.READY:
+                request = GenerationRequest(model_id=info.model_id, token_ids=(0,), max_tokens=1)
+                async for _ in self._generate(request, internal=True):
+                    pass
+
+    # ---- tokenizer -------------------------------------------------------------------
+
+    async def tokenize(
+        self, model_id: str, text: str, add_special_tokens: bool, return_pieces: bool
+    ) -> tuple[list[int], list[str]]:
+        tokenizer = self._ready_slot_tokenizer(model_id)
+
+        def run() -> tuple[list[int], list[str]]:
+            ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            pieces = [tokenizer.decode([i]) for i in ids] if return_pieces else []
+            return ids, pieces
+
+        return await asyncio.to_thread(run)
+
+    async def detokenize(
+        self, model_id: str, token_ids: list[int], skip_special_tokens: bool
+    ) -> str:
+        tokenizer = self._ready_slot_tokenizer(model_id)
+        check_token_ids(token_ids, self._infos[model_id].vocab_size, "token_ids")
+        return await asyncio.to_thread(
+            tokenizer.decode, token_ids, skip_special_tokens=skip_special_tokens
+        )
+
+    def _ready_slot_tokenizer(self, model_id: str):
+        self._check_accepting()
+        info = self.get_model(model_id)
+        if info.state is not ModelState.READY:
+            raise ModelNotReady(model_id, info.state.value)
+        # Hugging Face fast tokenizers are thread-safe, so tokenize off the engine thread.
+        return self._slots[model_id].loaded.tokenizer
+
+    # ---- generation ------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        return self._generate(request, internal=False)
+
+    async def _generate(self, request: GenerationRequest, internal: bool):
+        self._check_accepting()
+        info = self.get_model(request.model_id)
+        if info.state is not ModelState.READY:
+            raise ModelNotReady(request.model_id, info.state.value)
+        if self._active >= self.config.max_batch_size + self.config.max_queued_requests:
+            raise EngineOverloaded(self.config.retry_after_seconds)
+        ticket = Ticket(outbox=asyncio.Queue(), internal=internal)
+        self._active += 1
+        try:
+            await self._call(self._admit, request, ticket)
+            while True:
+                chunks = [await ticket.outbox.get()]
+                while not ticket.outbox.empty():
+                    chunks.append(ticket.outbox.get_nowait())
+                for item in chunks:
+                    if isinstance(item, BaseException):
+                        ticket.finished = True
+                        raise item
+                ticket.finished = chunks[-1] is _END
+                if ticket.finished:
+                    chunks.pop()
+                if chunks:
+                    yield merge_chunks(chunks)
+                if ticket.finished:
+                    return
+        finally:
+            self._active -= 1
+            if not ticket.finished and not self._dead and self._running:
+                # FIFO commands: this runs after the admission, even if we left while awaiting it.
+                self._commands.put(lambda: self._cancel(ticket))
+
+    # ---- events ----------------------------------------------------------------------
+
+    def subscribe(
+        self, kinds: frozenset[type] | None = None, model_ids: frozenset[str] | None = None
+    ) -> "EventStream":
+        """Registered at once, so no event is missed between the call and the first read."""
+        return EventStream(self.events, self.events.subscribe(kinds, model_ids))
+
+    def _publish(self, event: Event) -> None:
+        """Engine thread → event loop."""
+        self._loop.call_soon_threadsafe(self.events.publish, event)
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self._dead:
+            raise EngineUnavailable("the engine has stopped after an internal error")
+        if self._draining:
+            raise EngineUnavailable("the server is shutting down")
+        if not self._running:
+            raise EngineUnavailable("the engine is not running")
+
+    async def _call(self, fn: Callable, *args) -> Any:
+        """Run fn on the engine thread and await its result."""
+        future = self._loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not future.done():
+                (future.set_result if ok else future.set_exception)(value)
+
+        def command() -> None:
+            try:
+                result = (True, fn(*args))
+            except Exception as exc:
+                result = (False, exc)
+            self._loop.call_soon_threadsafe(settle, *result)
+
+        self._commands.put(command)
+        return await future
+
+    # ---- the engine thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        self._stream = mx.new_stream(mx.default_device())
+        try:
+            with mx.stream(self._stream):
+                while self._running:
+                    self._take_commands()
+                    for slot in list(self._slots.values()):
+                        if slot.sequences:
+                            self._step(slot)
+                    self._deliver()
+        except BaseException as exc:
+            log.exception("engine thread died")
+            self._die(exc)
+        finally:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+
+    def _take_commands(self) -> None:
+        busy = any(slot.sequences for slot in self._slots.values())
+        if not busy:
+            self._commands.get()()
+            # Idle → busy: give concurrent arrivals a moment to join the first step.
+            time.sleep(self.config.coalesce_seconds)
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _die(self, exc: BaseException) -> None:
+        """Tell every reader, without touching MLX state that may be what failed."""
+        self._dead = True
+        error = EngineUnavailable("the engine stopped after an internal error")
+        for slot in self._slots.values():
+            for sequence in slot.sequences.values():
+                self._send(sequence, error)
+        self._deliver()
+        self._publish(Event(ErrorOccurred(message="engine thread died", code="engine_dead")))
+
+    def _send(self, sequence: Sequence, item: Any) -> None:
+        self._deliveries.append((sequence.ticket.outbox, item))
+
+    def _deliver(self) -> None:
+        if self._deliveries:
+            deliveries, self._deliveries = self._deliveries, []
+            self._loop.call_soon_threadsafe(deliver_all, deliveries)
+
+    def _load(self, source: ModelSource, model_id: str) -> ModelInfo:
+        started = time.perf_counter()
+        loaded = load_model(source, model_id)
+        eos = sorted(loaded.tokenizer.eos_token_ids)
+        generator = BatchGenerator(
+            loaded.model,
+            stop_tokens=[[t] for t in eos],
+            completion_batch_size=self.config.max_batch_size,
+            prefill_batch_size=self.config.prefill_batch_size,
+            prefill_step_size=self.config.prefill_step_size,
+            stream=self._stream,
+        )
+        self._slots[model_id] = ModelSlot(loaded=loaded, generator=generator)
+        elapsed = time.perf_counter() - started
+        self._publish(Event(ModelLoaded(str(loaded.path), elapsed), model_id=model_id))
+        return loaded.info
+
+    def _unload(self, model_id: str) -> None:
+        slot = self._slots.pop(model_id)
+        for sequence in list(slot.sequences.values()):
+            self._end(slot, sequence, RequestAborted(f"model {model_id!r} was unloaded"))
+        slot.generator.close()
+        del slot
+        mx.clear_cache()
+        self._publish(Event(ModelUnloaded(reason="requested"), model_id=model_id))
+
+    def _admit(self, request: GenerationRequest, ticket: Ticket) -> None:
+        slot = self._slots[request.model_id]
+        tokenizer, info = slot.loaded.tokenizer, slot.loaded.info
+        prompt, field_name = encode_prompt(tokenizer, request)
+        check_request_tokens(request, prompt, info.vocab_size)
+        max_tokens, clipped = request.max_tokens, False
+        if info.context_length:
+            room = info.context_length - len(prompt)
+            if room <= 0:
+                raise InvalidRequest(
+                    FieldViolation(
+                        field_name,
+                        f"the prompt has {len(prompt)} tokens; the model's context is "
+                        f"{info.context_length}",
+                    )
+                )
+            max_tokens, clipped = min(max_tokens, room), room < max_tokens
+        eos = frozenset(() if request.ignore_eos else tokenizer.eos_token_ids)
+        cache, cached = self._cached_prefix(request.model_id, prompt)
+        sequence = Sequence(
+            request=request,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            context_clipped=clipped,
+            ticket=ticket,
+            detokenizer=StreamingDetokenizer(tokenizer),
+            stop_matcher=StopMatcher(request.stop, request.include_stop) if request.stop else None,
+            eos=eos,
+            cached_tokens=cached,
+        )
+        stop_ids = sorted(eos | set(request.stop_token_ids))
+        (sequence.uid,) = slot.generator.insert(
+            [prompt[cached:]],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[make_sampler(request.sampling)],
+            logits_processors=[make_logits_processors(request.sampling)],
+            stop_sequences=[StopSequences([[t] for t in stop_ids] or None)],
+        )
+        slot.sequences[sequence.uid] = sequence
+        ticket.sequence = sequence
+        if not ticket.internal:
+            self._publish(
+                Event(
+                    GenerationStarted(prompt_tokens=len(prompt), max_tokens=max_tokens),
+                    model_id=request.model_id,
+                    request_id=request.request_id,
+                )
+            )
+
+    def _cached_prefix(self, model_id: str, prompt: list[int]) -> tuple[list | None, int]:
+        """The KV cache of the longest cached prefix, leaving at least one token to compute."""
+        cache, rest = self._prefix_cache.fetch_nearest_cache(model_id, prompt)
+        if cache is None:
+            return None, 0
+        if not rest:
+            if not can_trim_prompt_cache(cache):
+                return None, 0
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, len(prompt) - len(rest)
+
+    def _remember_prefix(self, model_id: str, tokens: list[int], cache: list | None) -> None:
+        """Keep a finished sequence's KV cache, in a byte budget that counts the running batch."""
+        if not cache or not tokens:
+            return
+        self._prefix_cache.insert_cache(model_id, list(tokens), cache)
+        running = sum(slot.generator.prompt_cache_nbytes for slot in self._slots.values())
+        self._prefix_cache.trim_to(n_bytes=self.config.prefix_cache_bytes - running)
+
+    def _step(self, slot: ModelSlot) -> None:
+        _, responses = slot.generator.next()
+        now = time.perf_counter()
+        for response in responses:
+            sequence = slot.sequences.get(response.uid)
+            if sequence is not None:
+                self._advance(slot, sequence, response, now)
+
+    def _advance(self, slot: ModelSlot, sequence: Sequence, response: Any, now: float) -> None:
+        """One new token of one sequence: detokenize, match stops, emit, maybe finish."""
+        sequence.completion_tokens += 1
+        if sequence.completion_tokens == 1:
+            sequence.first_token_time = now
+        finish, matched = finish_reason(response, sequence), ""
+        stopped_by_token = response.finish_reason == "stop"
+        if stopped_by_token and finish is FinishReason.STOP_SEQUENCE:
+            matched = slot.loaded.tokenizer.decode([response.token])
+        if stopped_by_token and not (matched and sequence.request.include_stop):
+            text, ids = "", ()
+        else:
+            text, ids = sequence.detokenizer.add_token(response.token), (response.token,)
+        if finish is not None:
+            text += sequence.detokenizer.finalize()
+        if sequence.stop_matcher is not None:
+            text, stop = sequence.stop_matcher.feed(text)
+            if stop is not None:
+                finish, matched = FinishReason.STOP_SEQUENCE, stop
+            elif finish is not None:
+                text += sequence.stop_matcher.flush()
+        if finish is None:
+            self._send(sequence, GenerationChunk(text=text, token_ids=ids))
+            return
+        if response.finish_reason is None:
+            removed = slot.generator.remove([sequence.uid], return_prompt_caches=True)
+            cache, tokens = removed.get(sequence.uid, (None, None))
+        else:
+            cache, tokens = response.prompt_cache, response.all_tokens
+        self._remember_prefix(sequence.request.model_id, tokens, cache)
+        usage = make_usage(sequence, now)
+        self._send(sequence, GenerationChunk(text, ids, finish, usage, matched))
+        self._end(slot, sequence, _END, finish, usage)
+
+    def _cancel(self, ticket: Ticket) -> None:
+        sequence = ticket.sequence
+        if sequence is None:
+            return
+        slot = self._slots.get(sequence.request.model_id)
+        if slot is not None and slot.sequences.get(sequence.uid) is sequence:
+            slot.generator.remove([sequence.uid])
+            self._end(slot, sequence, None, FinishReason.CANCELLED)
+
+    def _end(
+        self,
+        slot: ModelSlot,
+        sequence: Sequence,
+        final: Any,
+        finish: FinishReason = FinishReason.CANCELLED,
+        usage: Usage | None = None,
+    ) -> None:
+        """Forget a sequence and tell its reader (unless it already left)."""
+        del slot.sequences[sequence.uid]
+        if final is not None:
+            self._send(sequence, final)
+        if sequence.ticket.internal:
+            return
+        usage = usage or make_usage(sequence, time.perf_counter())
+        self._publish(
+            Event(
+                GenerationCompleted(
+                    tokens_generated=sequence.completion_tokens,
+                    duration_seconds=usage.total_time,
+                    tokens_per_second=usage.tokens_per_second,
+                    finish_reason=finish.value,
+                ),
+                model_id=sequence.request.model_id,
+                request_id=sequence.request.request_id,
+            )
+        )
+
+    def _abort_all(self, error: Exception) -> None:
+        for slot in self._slots.values():
+            for sequence in list(slot.sequences.values()):
+                slot.generator.remove([sequence.uid])
+                self._end(slot, sequence, error)
+
+
+class EventStream:
+    """An async iterator over one subscription; closing it unsubscribes."""
+
+    def __init__(self, bus: EventBus, subscription: Subscription):
+        self._bus = bus
+        self.subscription = subscription
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self.subscription.queue.get()
+        if event is None:
+            self.close()
+            raise StopAsyncIteration
+        return event
+
+    @property
+    def dropped(self) -> int:
+        return self.subscription.dropped
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self.subscription)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+def deliver_all(deliveries: list[tuple[asyncio.Queue, Any]]) -> None:
+    for outbox, item in deliveries:
+        outbox.put_nowait(item)
+
+
+def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
+    """A reader that fell behind gets one message for everything it missed."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    return replace(
+        last,
+        text="".join(c.text for c in chunks),
+        token_ids=tuple(t for c in chunks for t in c.token_ids),
+    )
+
+
+def encode_prompt(tokenizer, request: GenerationRequest) -> tuple[list[int], str]:
+    """Token ids of the prompt, and the request field to blame if they do not fit."""
+    if request.token_ids is not None:
+        return list(request.token_ids), "tokens.ids"
+    if request.messages is not None:
+        if tokenizer.chat_template is None:
+            raise InvalidRequest(FieldViolation("chat", "the model has no chat template"))
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in request.messages],
+            tokenize=False,
+            add_generation_prompt=request.add_generation_prompt,
+        )
+        return tokenizer.encode(text, add_special_tokens=False), "chat.messages"
+    # As mlx_lm.generate does: add BOS unless the text already starts with it.
+    bos = tokenizer.bos_token
+    add_special = bos is None or not request.text.startswith(bos)
+    return tokenizer.encode(request.text, add_special_tokens=add_special), "text"
+
+
+def check_request_tokens(request: GenerationRequest, prompt: list[int], vocab_size: int) -> None:
+    """Every token id the caller gave must exist in the model's vocabulary."""
+    bad = token_id_violations(list(request.stop_token_ids), vocab_size, "stop_token_ids[{}]")
+    if request.token_ids is not None:
+        bad = token_id_violations(prompt, vocab_size, "tokens.ids[{}]") + bad
+    bias_ids = [t for t, _ in request.sampling.logit_bias]
+    bad += token_id_violations(bias_ids, vocab_size, "logit_bias[{id}]")
+    if bad:
+        raise InvalidRequest(*bad[:16])
+
+
+def check_token_ids(ids: list[int], vocab_size: int, field_name: str) -> None:
+    if bad := token_id_violations(ids, vocab_size, field_name + "[{}]"):
+        raise InvalidRequest(*bad[:16])
+
+
+def token_id_violations(ids: list[int], vocab_size: int, field: str) -> list[FieldViolation]:
+    """`field` is formatted with the index (positional) and the id (`id`)."""
+    return [
+        FieldViolation(
+            field.format(i, id=t), f"token id {t} is not below the vocabulary size {vocab_size}"
+        )
+        for i, t in enumerate(ids)
+        if t >= vocab_size
+    ]
+
+
+def finish_reason(response: Any, sequence: Sequence) -> FinishReason | None:
+    """Why mlx-lm's batch generator ended a sequence, in our terms."""
+    reason = response.finish_reason
+    if reason == "stop":
+        if response.token in sequence.eos:
+            return FinishReason.END_OF_SEQUENCE
+        return FinishReason.STOP_SEQUENCE
+    if reason == "length":
+        return FinishReason.CONTEXT_LENGTH if sequence.context_clipped else FinishReason.MAX_TOKENS
+    return None
+
+
+def make_usage(sequence: Sequence, now: float) -> Usage:
+    decoding = now - sequence.first_token_time
+    n = sequence.completion_tokens
+    return Usage(
+        prompt_tokens=len(sequence.prompt),
+        completion_tokens=n,
+        cached_prompt_tokens=sequence.cached_tokens,
+        time_to_first_token=(sequence.first_token_time - sequence.arrival) if n else 0.0,
+        tokens_per_second=(n - 1) / decoding if n > 1 and decoding > 0 else 0.0,
+        total_time=now - sequence.arrival,
+    )

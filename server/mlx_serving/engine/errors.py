@@ -1,0 +1,63 @@
+"""Typed engine errors; the wire layer maps each to one gRPC status."""
+
+from dataclasses import dataclass
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ModelNotFound(EngineError):
+    def __init__(self, model_id: str):
+        super().__init__(f"model {model_id!r} is not loaded")
+        self.model_id = model_id
+
+
+class ModelAlreadyExists(EngineError):
+    def __init__(self, model_id: str):
+        super().__init__(f"model {model_id!r} is already loaded")
+        self.model_id = model_id
+
+
+class ModelNotReady(EngineError):
+    def __init__(self, model_id: str, state: str):
+        super().__init__(f"model {model_id!r} is {state}, not ready")
+        self.model_id = model_id
+
+
+class ModelLoadFailed(EngineError):
+    """The source could not be turned into a model."""
+
+
+class ModelSourceNotFound(ModelLoadFailed):
+    """No model directory at the path, or the repository is neither cached nor downloadable."""
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidRequest(EngineError):
+    """Passed the contract's rules but not the model's (e.g. a token id past the vocabulary)."""
+
+    def __init__(self, *violations: FieldViolation):
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+
+class EngineUnavailable(EngineError):
+    """The engine is draining, stopped, or its thread died."""
+
+
+class RequestAborted(EngineError):
+    """A request ended by the engine (model unloaded, shutdown) before it finished."""
+
+
+class EngineOverloaded(EngineError):
+    """Admission queue full; the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float):
+        super().__init__("too many requests in flight; retry later")
+        self.retry_after = retry_after

@@ -1,0 +1,109 @@
+"""Turn a ModelSource into a loaded model, its tokenizer and what we report about it."""
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import get_total_parameters, load
+
+from .errors import ModelLoadFailed, ModelSourceNotFound
+from .models import ModelInfo, ModelSource, ModelState, Quantization
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    info: ModelInfo
+    path: Path
+
+
+def resolve_model_path(source: ModelSource) -> Path:
+    """A local directory, or a Hugging Face snapshot: cache first, so cached models work offline."""
+    if source.local_path:
+        path = Path(source.local_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelSourceNotFound(
+                f"{source.local_path!r} is not a model directory (no config.json)"
+            )
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(source.repo_id, revision=source.revision, local_files_only=True)
+        )
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelSourceNotFound(
+            f"{source.repo_id!r} is not in the Hugging Face cache (HF_HUB_OFFLINE=1)"
+        )
+    try:
+        return Path(snapshot_download(source.repo_id, revision=source.revision))
+    except Exception as exc:
+        raise ModelSourceNotFound(
+            f"{source.repo_id!r} is not in the Hugging Face cache and could not be downloaded: "
+            f"{type(exc).__name__}"
+        ) from None
+
+
+def load_model(source: ModelSource, model_id: str) -> LoadedModel:
+    path = resolve_model_path(source)
+    try:
+        model, tokenizer, config = load(str(path), return_config=True)
+    except Exception as exc:
+        raise ModelLoadFailed(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    info = describe_model(model_id, source, model, tokenizer, config)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, path=path)
+
+
+def describe_model(
+    model_id: str,
+    source: ModelSource,
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    config: dict[str, Any],
+) -> ModelInfo:
+    quantization = config.get("quantization")
+    return ModelInfo(
+        model_id=model_id,
+        source=source,
+        state=ModelState.READY,
+        context_length=context_length(config),
+        parameter_count=get_total_parameters(model),
+        dtype=weights_dtype(model),
+        quantization=Quantization(
+            bits=quantization["bits"],
+            group_size=quantization["group_size"],
+            mode=quantization.get("mode", "affine"),
+        )
+        if quantization
+        else None,
+        vocab_size=len(tokenizer.get_vocab()),
+        has_chat_template=tokenizer.chat_template is not None,
+        architecture=config.get("model_type", ""),
+        loaded_time=time.time(),
+    )
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """0 when the config does not say; then only max_tokens bounds a generation."""
+    text_config = config.get("text_config", config)
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+        if isinstance(text_config.get(key), int):
+            return text_config[key]
+    return 0
+
+
+def weights_dtype(model: nn.Module) -> str:
+    for _, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            return str(value.dtype).removeprefix("mlx.core.")
+    return ""

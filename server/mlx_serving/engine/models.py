@@ -1,0 +1,46 @@
+"""What the engine knows about a model, independent of the wire."""
+
+import enum
+import os
+from dataclasses import dataclass
+
+
+class ModelState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Exactly one of local_path or repo_id is set."""
+
+    local_path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+    def default_model_id(self) -> str:
+        if self.repo_id:
+            return self.repo_id.rsplit("/", 1)[-1]
+        return os.path.basename(os.path.normpath(self.local_path or "")) or "model"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    bits: int
+    group_size: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    source: ModelSource
+    state: ModelState
+    context_length: int = 0
+    parameter_count: int = 0
+    dtype: str = ""
+    quantization: Quantization | None = None
+    vocab_size: int = 0
+    has_chat_template: bool = False
+    architecture: str = ""
+    loaded_time: float | None = None

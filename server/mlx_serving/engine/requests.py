@@ -1,0 +1,88 @@
+"""What a caller asks the engine to generate, and what comes back."""
+
+import enum
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+DEFAULT_PENALTY_CONTEXT = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # How many recent tokens the penalties look at.
+    penalty_context: int = DEFAULT_PENALTY_CONTEXT
+    # (token id, bias) pairs added to the logits before sampling.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Exactly one of text, messages, token_ids is set (the wire layer guarantees it)."""
+
+    model_id: str
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    add_generation_prompt: bool = True
+    token_ids: tuple[int, ...] | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Text that ends the generation when it appears in the output.
+    stop: tuple[str, ...] = ()
+    # Token ids that end the generation (besides the model's EOS unless ignore_eos).
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # Keep the matched stop string (or stop token's text) at the end of the output.
+    include_stop: bool = False
+    request_id: str = ""
+
+
+class FinishReason(enum.Enum):
+    MAX_TOKENS = "max_tokens"
+    END_OF_SEQUENCE = "end_of_sequence"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    CONTEXT_LENGTH = "context_length"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    # Prompt tokens whose KV cache came from the prefix cache instead of being computed.
+    cached_prompt_tokens: int
+    time_to_first_token: float
+    tokens_per_second: float
+    total_time: float
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """New text and tokens since the previous chunk; the last one also says why and how much."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    # The stop string or stop token text that ended the generation.
+    matched_stop: str = ""

@@ -1,0 +1,149 @@
+"""The aio server: the four services, health, reflection, and the order of start and stop.
+
+Health says SERVING only once the engine runs, the preloaded models are loaded and a warm-up
+token was generated; it says NOT_SERVING again as soon as the engine thread stops (crash or
+shutdown) or a graceful shutdown begins.
+"""
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from mlx_serving.engine.engine import Engine
+from mlx_serving.engine.models import ModelSource
+from mlx_serving.v1 import (
+    events_service_pb2,
+    events_service_pb2_grpc,
+    generate_service_pb2,
+    generate_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    tokenize_service_pb2,
+    tokenize_service_pb2_grpc,
+)
+
+from .interceptor import ContractInterceptor
+from .reflection import enable_reflection
+from .services import EventsService, GenerateService, ModelService, TokenizeService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+
+# The contract allows a 4 MiB text prompt and 2^20 token ids (up to 5 bytes each on the
+# wire); gRPC's default 4 MiB receive limit would refuse them before validation.
+MAX_RECEIVE_MESSAGE_BYTES = 16 << 20
+
+# After the engine has ended every generation, what handlers get to send their last message.
+STREAM_FLUSH_SECONDS = 0.5
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# (module with the descriptor, servicer class, function adding it to a server)
+SERVICES = (
+    (model_service_pb2, ModelService, model_service_pb2_grpc.add_ModelServiceServicer_to_server),
+    (
+        generate_service_pb2,
+        GenerateService,
+        generate_service_pb2_grpc.add_GenerateServiceServicer_to_server,
+    ),
+    (
+        tokenize_service_pb2,
+        TokenizeService,
+        tokenize_service_pb2_grpc.add_TokenizeServiceServicer_to_server,
+    ),
+    (
+        events_service_pb2,
+        EventsService,
+        events_service_pb2_grpc.add_EventsServiceServicer_to_server,
+    ),
+)
+
+# Fully-qualified names, from the generated descriptors.
+SERVICE_NAMES = tuple(
+    service.full_name
+    for module, _, _ in SERVICES
+    for service in module.DESCRIPTOR.services_by_name.values()
+)
+
+
+class ServingApp:
+    """Owns the engine's life cycle and the gRPC server in front of it."""
+
+    def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+        self.engine = engine
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ContractInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+                # Linux gRPC sets SO_REUSEPORT: a second server would share the port silently.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for _, servicer, add_to_server in SERVICES:
+            add_to_server(servicer(engine), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.reflected_services = enable_reflection(
+            self.server, (*SERVICE_NAMES, health.SERVICE_NAME)
+        )
+        self._watcher: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT as bound (the real port when asked for port 0)."""
+        return host_port(self.host, self.port)
+
+    async def start(self, models: Iterable[tuple[str, ModelSource]] = ()) -> int:
+        """Listen, start the engine, load `models` ((id or "", source) pairs) and warm up.
+
+        Returns the bound port. On failure the caller still calls `stop`.
+        """
+        await self._set_health(NOT_SERVING)  # the aio HealthServicer starts out SERVING
+        self.port = self.server.add_insecure_port(host_port(self.host, self.requested_port))
+        await self.engine.start()
+        await self.server.start()
+        for model_id, source in models:
+            info = await self.engine.load_model(source, model_id)
+            log.info("loaded model %s from %s", info.model_id, source.local_path or source.repo_id)
+        await self.engine.warm_up()
+        await self._set_health(SERVING)
+        self._watcher = asyncio.create_task(self._watch_engine(), name="mlx-serving-engine-watch")
+        log.info("serving on %s", self.address)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING, then in-flight generations get `grace` seconds to finish before they end."""
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        await self.engine.shutdown(grace)
+        await self.server.stop(STREAM_FLUSH_SECONDS)
+        if self._watcher is not None:
+            await self._watcher
+
+    async def _watch_engine(self) -> None:
+        await self.engine.wait_stopped()
+        if self._stopping:
+            return
+        log.error("the engine thread stopped: health is NOT_SERVING")
+        await self._set_health(NOT_SERVING)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 host in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"

@@ -1,0 +1,111 @@
+"""One interceptor for every unary-request RPC, unary and server-streaming alike.
+
+It gives the call a request id, enforces the contract's protovalidate rules before the handler
+runs, and turns whatever the handler raises into a status: the handlers stay convert → engine
+→ convert, with no error handling of their own.
+"""
+
+import inspect
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+
+import grpc
+import protovalidate
+
+from mlx_serving.engine.errors import EngineError
+
+from .status import internal_error, invalid_argument, status_for
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+
+
+def current_request_id() -> str:
+    """The id the interceptor gave the RPC being handled (in logs, events and INTERNAL errors)."""
+    return REQUEST_ID.get()
+
+
+class ContractInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        # Reflection is the only request-streaming RPC; its messages carry no rules.
+        if handler is None or handler.request_streaming:
+            return handler
+        behavior = handler.unary_stream or handler.unary_unary
+        if not inspect.iscoroutinefunction(behavior):
+            # A generator handler would escape the error mapping: stream with context.write.
+            raise TypeError(
+                f"{handler_call_details.method}: handlers must be `async def` coroutines"
+            )
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return make_handler(
+            guard(behavior, handler_call_details.method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def guard(behavior: Callable, method: str) -> Callable:
+    """`behavior` with a request id, validation first, and every exception turned into a status."""
+
+    async def guarded(request, context: grpc.aio.ServicerContext):
+        request_id = uuid.uuid4().hex
+        REQUEST_ID.set(request_id)
+        try:
+            if violations := protovalidate.collect_violations(request):
+                what = request.DESCRIPTOR.name
+                await context.abort_with_status(invalid_argument(map(describe, violations), what))
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except EngineError as exc:
+            if (status := status_for(exc)) is not None:
+                await context.abort_with_status(status)
+            await abort_internal(context, method, request_id)
+        except Exception:
+            if context.cancelled():
+                raise  # the client left (cancel, deadline): nothing to report to anyone
+            await abort_internal(context, method, request_id)
+
+    return guarded
+
+
+async def abort_internal(context: grpc.aio.ServicerContext, method: str, request_id: str) -> None:
+    """Called inside an `except`: logs the traceback once, tells the client only the request id."""
+    log.error("internal error in %s (request id %s)", method, request_id, exc_info=True)
+    await context.abort_with_status(internal_error(request_id))
+
+
+def describe(violation: protovalidate.Violation) -> tuple[str, str]:
+    """(field path, rule message) of a protovalidate violation."""
+    rule = violation.proto
+    return field_path(rule.field.elements), rule.message or rule.rule_id
+
+
+def field_path(elements) -> str:
+    """Like protovalidate's own rendering: `chat.messages[1].role`, `logit_bias[5]`, `m["k"]`."""
+    parts = []
+    for element in elements:
+        part, subscript = element.field_name, element.subscript
+        if subscript is not None:
+            if subscript.field == "string_key":
+                key = json.dumps(subscript.value)
+            elif subscript.field == "bool_key":
+                key = "true" if subscript.value else "false"
+            else:
+                key = str(subscript.value)
+            part += f"[{key}]"
+        parts.append(part)
+    return ".".join(parts)

@@ -1,0 +1,62 @@
+"""Server reflection, both v1alpha and v1.
+
+grpcio-reflection 1.85 implements only `grpc.reflection.v1alpha`, while current clients
+(grpcurl, Postman, grpc_cli) ask for `grpc.reflection.v1` first. The two protocols are the
+same messages under another package name, so v1 is served by the same servicer with the
+v1alpha serializers, and a renamed copy of the v1alpha file descriptor lets reflection
+describe the v1 service too.
+"""
+
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+V1_FILE_NAME = "grpc/reflection/v1/reflection.proto"
+V1ALPHA_PACKAGE = "." + reflection_pb2.DESCRIPTOR.package + "."
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> tuple[str, ...]:
+    """Serve reflection for `service_names` and both reflection services; returns all listed."""
+    names = (*service_names, reflection.SERVICE_NAME, V1_SERVICE_NAME)
+    register_v1_descriptor()
+    reflection.enable_server_reflection(names, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        reflection.aio.ReflectionServicer(names).ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    handler = grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": info})
+    server.add_generic_rpc_handlers((handler,))
+    return names
+
+
+def register_v1_descriptor() -> None:
+    """Add grpc/reflection/v1/reflection.proto to the default pool, once."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(V1_FILE_NAME)
+    except KeyError:
+        pool.Add(v1_file_descriptor())
+
+
+def v1_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
+    """The v1alpha file descriptor renamed to v1 (as upstream's v1 reflection.proto is)."""
+    file = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    file.name, file.package = V1_FILE_NAME, "grpc.reflection.v1"
+    file.options.Clear()
+    file.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    file.options.java_package = "io.grpc.reflection.v1"
+    file.options.java_multiple_files = True
+    file.options.java_outer_classname = "ServerReflectionProto"
+    renamed = V1ALPHA_PACKAGE.replace("v1alpha", "v1")
+    for message in file.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # proto2: assigning "" would set it
+                field.type_name = field.type_name.replace(V1ALPHA_PACKAGE, renamed)
+    for method in file.service[0].method:
+        method.input_type = method.input_type.replace(V1ALPHA_PACKAGE, renamed)
+        method.output_type = method.output_type.replace(V1ALPHA_PACKAGE, renamed)
+    return file

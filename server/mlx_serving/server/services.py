@@ -1,0 +1,86 @@
+"""The four servicers: convert → engine → convert, nothing else.
+
+Requests are validated and engine errors mapped to statuses by the interceptor (interceptor.py).
+Streams are written with `context.write` from coroutines, so a client cancel or an expired
+deadline lands inside the handler, where `finally` closes the engine's stream at once.
+"""
+
+from mlx_serving.engine.engine import Engine
+from mlx_serving.v1 import events_service_pb2 as events_pb
+from mlx_serving.v1 import events_service_pb2_grpc as events_grpc
+from mlx_serving.v1 import generate_service_pb2 as generate_pb
+from mlx_serving.v1 import generate_service_pb2_grpc as generate_grpc
+from mlx_serving.v1 import model_service_pb2 as model_pb
+from mlx_serving.v1 import model_service_pb2_grpc as model_grpc
+from mlx_serving.v1 import tokenize_service_pb2 as tokenize_pb
+from mlx_serving.v1 import tokenize_service_pb2_grpc as tokenize_grpc
+
+from . import convert
+from .interceptor import current_request_id
+
+
+class ModelService(model_grpc.ModelServiceServicer):
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    async def LoadModel(self, request: model_pb.LoadModelRequest, context):
+        source = convert.model_source(request.source)
+        info = await self._engine.load_model(source, request.model_id)
+        return model_pb.LoadModelResponse(model=convert.model_pb_from_info(info))
+
+    async def UnloadModel(self, request: model_pb.UnloadModelRequest, context):
+        await self._engine.unload_model(request.model_id)
+        return model_pb.UnloadModelResponse()
+
+    async def ListModels(self, request: model_pb.ListModelsRequest, context):
+        models = [convert.model_pb_from_info(info) for info in self._engine.list_models()]
+        return model_pb.ListModelsResponse(models=models)
+
+    async def GetModel(self, request: model_pb.GetModelRequest, context):
+        info = self._engine.get_model(request.model_id)
+        return model_pb.GetModelResponse(model=convert.model_pb_from_info(info))
+
+
+class GenerateService(generate_grpc.GenerateServiceServicer):
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    async def Generate(self, request: generate_pb.GenerateRequest, context) -> None:
+        request_id = current_request_id()
+        chunks = self._engine.generate(convert.generation_request(request, request_id))
+        try:
+            async for chunk in chunks:
+                await context.write(convert.generate_response(chunk, request_id))
+        finally:
+            await chunks.aclose()
+
+
+class TokenizeService(tokenize_grpc.TokenizeServiceServicer):
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    async def Tokenize(self, request: tokenize_pb.TokenizeRequest, context):
+        ids, pieces = await self._engine.tokenize(
+            request.model_id, request.text, request.add_special_tokens, request.return_pieces
+        )
+        return tokenize_pb.TokenizeResponse(token_ids=ids, pieces=pieces)
+
+    async def Detokenize(self, request: tokenize_pb.DetokenizeRequest, context):
+        text = await self._engine.detokenize(
+            request.model_id, list(request.token_ids), request.skip_special_tokens
+        )
+        return tokenize_pb.DetokenizeResponse(text=text)
+
+
+class EventsService(events_grpc.EventsServiceServicer):
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    async def Subscribe(self, request: events_pb.SubscribeRequest, context) -> None:
+        kinds, model_ids = convert.event_filter(request)
+        events = self._engine.subscribe(kinds, model_ids)
+        try:
+            async for event in events:
+                await context.write(events_pb.SubscribeResponse(event=convert.event_pb(event)))
+        finally:
+            await events.aclose()

@@ -1,0 +1,178 @@
+"""Stops, the sampling set, backpressure and the prefix cache, through the engine."""
+
+import asyncio
+
+import mlx_lm
+import pytest
+
+from mlx_serving.engine.config import EngineConfig
+from mlx_serving.engine.engine import Engine
+from mlx_serving.engine.errors import EngineOverloaded, InvalidRequest
+from mlx_serving.engine.models import ModelSource
+from mlx_serving.engine.requests import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+)
+
+MODEL_ID = "tiny"  # loaded by the engine fixture in conftest.py
+GREEDY = SamplingParams(temperature=0)
+
+
+async def run(engine, request):
+    chunks = [c async for c in engine.generate(request)]
+    return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], chunks
+
+
+async def greedy_text(engine, prompt, max_tokens=40):
+    request = GenerationRequest(MODEL_ID, text=prompt, max_tokens=max_tokens, sampling=GREEDY)
+    return await run(engine, request)
+
+
+async def test_a_stop_string_spanning_tokens_cuts_the_text_and_is_reported(engine, reference):
+    full, ids, _ = await greedy_text(engine, "Hello world")
+    # A stop string made of the end of one token and the start of the next.
+    pieces = [reference[1].decode(ids[:i]) for i in range(1, len(ids) + 1)]
+    boundary = next(i for i in range(3, len(pieces)) if len(pieces[i]) - len(pieces[i - 1]) >= 2)
+    cut = len(pieces[boundary - 1])
+    stop = full[cut - 1 : cut + 1]
+    expected = full[: full.index(stop)]
+    request = GenerationRequest(
+        MODEL_ID, text="Hello world", max_tokens=40, sampling=GREEDY, stop=(stop,)
+    )
+    text, _, chunks = await run(engine, request)
+    assert text == expected
+    assert chunks[-1].finish_reason is FinishReason.STOP_SEQUENCE
+    assert chunks[-1].matched_stop == stop
+    shown = ""
+    for chunk in chunks:  # no chunk ever shows text that is later retracted
+        shown += chunk.text
+        assert expected.startswith(shown)
+    included = GenerationRequest(
+        MODEL_ID,
+        text="Hello world",
+        max_tokens=40,
+        sampling=GREEDY,
+        stop=(stop,),
+        include_stop=True,
+    )
+    assert (await run(engine, included))[0] == expected + stop
+
+
+async def test_stop_token_ids_and_ignore_eos(engine, reference):
+    _, ids, _ = await greedy_text(engine, "Hello world", 20)
+    request = GenerationRequest(
+        MODEL_ID, text="Hello world", max_tokens=20, sampling=GREEDY, stop_token_ids=(ids[5],)
+    )
+    text, got, chunks = await run(engine, request)
+    first = ids.index(ids[5])
+    assert got == ids[:first]
+    assert chunks[-1].finish_reason is FinishReason.STOP_SEQUENCE
+    assert chunks[-1].matched_stop == reference[1].decode([ids[5]])
+    # Bias EOS to the top: the model ends at once, unless EOS is ignored.
+    eos = reference[1].eos_token_id
+    biased = SamplingParams(temperature=0, logit_bias=((eos, 100.0),))
+    _, got, chunks = await run(engine, GenerationRequest(MODEL_ID, text="Hi", sampling=biased))
+    assert got == [] and chunks[-1].finish_reason is FinishReason.END_OF_SEQUENCE
+    request = GenerationRequest(MODEL_ID, text="Hi", max_tokens=4, sampling=biased, ignore_eos=True)
+    _, got, chunks = await run(engine, request)
+    assert got == [eos] * 4 and chunks[-1].finish_reason is FinishReason.MAX_TOKENS
+
+
+async def test_penalties_and_min_p_match_mlx_lm(engine, reference):
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tokenizer = reference
+    sampling = SamplingParams(
+        temperature=0,
+        repetition_penalty=1.3,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+        penalty_context=16,
+    )
+    _, got, _ = await run(
+        engine, GenerationRequest(MODEL_ID, text="la la la", max_tokens=30, sampling=sampling)
+    )
+    processors = make_logits_processors(
+        repetition_penalty=1.3,
+        repetition_context_size=16,
+        presence_penalty=0.5,
+        presence_context_size=16,
+        frequency_penalty=0.2,
+        frequency_context_size=16,
+    )
+    expected = [
+        r.token
+        for r in mlx_lm.stream_generate(
+            model, tokenizer, "la la la", max_tokens=30, logits_processors=processors
+        )
+    ]
+    assert got == expected
+    plain = (await greedy_text(engine, "la la la", 30))[1]
+    assert plain != expected
+
+
+async def test_seeded_min_p_top_k_top_p_are_reproducible(engine):
+    sampling = SamplingParams(temperature=1.5, top_p=0.9, top_k=50, min_p=0.05, seed=3)
+    request = GenerationRequest(MODEL_ID, text="Once", max_tokens=16, sampling=sampling)
+    first = await run(engine, request)
+    again = await run(engine, request)
+    assert first[1] == again[1]
+
+
+async def test_invalid_token_ids_in_controls_are_named(engine):
+    vocab = engine.get_model(MODEL_ID).vocab_size
+    request = GenerationRequest(
+        MODEL_ID,
+        text="x",
+        stop_token_ids=(1, vocab),
+        sampling=SamplingParams(logit_bias=((vocab + 1, 1.0),)),
+    )
+    with pytest.raises(InvalidRequest) as caught:
+        await run(engine, request)
+    assert [v.field for v in caught.value.violations] == [
+        "stop_token_ids[1]",
+        f"logit_bias[{vocab + 1}]",
+    ]
+
+
+async def test_a_full_queue_refuses_with_retry_after(model_path):
+    engine = Engine(EngineConfig(max_batch_size=2, max_queued_requests=1, retry_after_seconds=0.5))
+    await engine.start()
+    await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
+    streams = [
+        engine.generate(GenerationRequest(MODEL_ID, text="x", max_tokens=10_000)) for _ in range(3)
+    ]
+    for stream in streams:
+        await anext(stream)
+    with pytest.raises(EngineOverloaded) as caught:
+        await anext(engine.generate(GenerationRequest(MODEL_ID, text="x")))
+    assert caught.value.retry_after == 0.5
+    for stream in streams:
+        await stream.aclose()
+    await asyncio.sleep(0.1)
+    await run(engine, GenerationRequest(MODEL_ID, text="x", max_tokens=2))
+    await engine.shutdown(0)
+
+
+async def test_a_second_chat_turn_reuses_the_first_turns_cache(engine, reference):
+    model, tokenizer = reference
+    turn = [ChatMessage("user", "Tell me about the sea.")]
+    first, _, chunks = await run(
+        engine, GenerationRequest(MODEL_ID, messages=tuple(turn), max_tokens=24, sampling=GREEDY)
+    )
+    assert chunks[-1].usage.cached_prompt_tokens == 0
+    second = (*turn, ChatMessage("assistant", first), ChatMessage("user", "And the sky?"))
+    _, warm, chunks = await run(
+        engine, GenerationRequest(MODEL_ID, messages=second, max_tokens=24, sampling=GREEDY)
+    )
+    assert chunks[-1].usage.cached_prompt_tokens > 10
+    rendered = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in second],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt = tokenizer.encode(rendered, add_special_tokens=False)
+    cold = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=24)]
+    assert warm == cold

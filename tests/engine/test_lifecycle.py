@@ -1,0 +1,169 @@
+import asyncio
+
+import pytest
+
+from mlx_serving.engine.engine import Engine
+from mlx_serving.engine.errors import (
+    EngineUnavailable,
+    ModelAlreadyExists,
+    ModelLoadFailed,
+    ModelNotFound,
+    RequestAborted,
+)
+from mlx_serving.engine.events import (
+    GenerationCompleted,
+    GenerationStarted,
+    ModelLoaded,
+    ModelUnloaded,
+)
+from mlx_serving.engine.models import ModelSource, ModelState
+from mlx_serving.engine.requests import GenerationRequest, SamplingParams
+
+MODEL_ID = "tiny"  # loaded by the engine fixture in conftest.py
+
+LONG = GenerationRequest(MODEL_ID, text="Tell me a story", max_tokens=100_000)
+
+
+def sequences_held(engine: Engine) -> int:
+    """What the engine thread still runs; read once the engine is quiet."""
+    return sum(len(slot.sequences) for slot in engine._slots.values()) + sum(
+        len(slot.generator._generation_batch) + len(slot.generator._prompt_batch)
+        for slot in engine._slots.values()
+    )
+
+
+async def wait_until_idle(engine: Engine) -> None:
+    for _ in range(200):
+        if engine.active_requests() == 0 and sequences_held(engine) == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine still holds {sequences_held(engine)} sequences")
+
+
+async def test_closing_a_stream_removes_its_sequence(engine):
+    stream = engine.generate(LONG)
+    await anext(stream)
+    await anext(stream)
+    await stream.aclose()
+    await wait_until_idle(engine)
+
+
+async def test_cancelling_before_admission_leaves_nothing_behind(engine):
+    async def consume():
+        async for _ in engine.generate(LONG):
+            pass
+
+    tasks = [asyncio.create_task(consume()) for _ in range(6)]
+    await asyncio.sleep(0)
+    for i, task in enumerate(tasks):
+        if i % 2 == 0:
+            task.cancel()
+    await asyncio.sleep(0.05)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await wait_until_idle(engine)
+
+
+async def test_load_list_unload(engine, model_path):
+    info = await engine.load_model(ModelSource(local_path=str(model_path)))
+    assert info.model_id == model_path.name
+    assert info.state is ModelState.READY
+    assert info.parameter_count > 1_000_000
+    assert info.has_chat_template and info.vocab_size > 0 and info.dtype == "float32"
+    with pytest.raises(ModelAlreadyExists):
+        await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
+    assert [m.model_id for m in engine.list_models()] == [MODEL_ID, model_path.name]
+    await engine.unload_model(model_path.name)
+    with pytest.raises(ModelNotFound):
+        engine.get_model(model_path.name)
+
+
+async def test_loading_a_missing_directory_fails_and_keeps_nothing(engine, tmp_path):
+    with pytest.raises(ModelLoadFailed):
+        await engine.load_model(ModelSource(local_path=str(tmp_path / "missing")), "x")
+    assert [m.model_id for m in engine.list_models()] == [MODEL_ID]
+
+
+async def test_hugging_face_ids_resolve_from_the_local_cache(
+    engine, model_path, tmp_path, monkeypatch
+):
+    snapshot = tmp_path / "hub" / "models--acme--tiny-hf" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for file in model_path.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = await engine.load_model(ModelSource(repo_id="acme/tiny-hf"))
+    assert info.model_id == "tiny-hf" and info.state is ModelState.READY
+    with pytest.raises(ModelLoadFailed, match="not in the Hugging Face cache"):
+        await engine.load_model(ModelSource(repo_id="acme/absent"))
+
+
+async def test_unloading_ends_in_flight_generations(engine):
+    stream = engine.generate(LONG)
+    await anext(stream)
+    await engine.unload_model(MODEL_ID)
+    with pytest.raises(RequestAborted):
+        async for _ in stream:
+            pass
+
+
+async def test_events_follow_a_generation(engine, model_path):
+    events = engine.subscribe()
+    pending = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0)
+    request = GenerationRequest(
+        MODEL_ID, text="hi", max_tokens=3, sampling=SamplingParams(0), request_id="r1"
+    )
+    async for _ in engine.generate(request):
+        pass
+    await engine.load_model(ModelSource(local_path=str(model_path)), "second")
+    await engine.unload_model("second")
+    got = [await pending] + [await anext(events) for _ in range(3)]
+    assert [type(e.payload) for e in got] == [
+        GenerationStarted,
+        GenerationCompleted,
+        ModelLoaded,
+        ModelUnloaded,
+    ]
+    assert got[0].request_id == "r1" and got[1].payload.tokens_generated == 3
+    assert [e.model_id for e in got] == [MODEL_ID, MODEL_ID, "second", "second"]
+    await events.aclose()
+
+
+async def test_a_dead_engine_thread_ends_streams_and_says_so(engine):
+    stream = engine.generate(LONG)
+    await anext(stream)
+
+    def broken_step():
+        raise RuntimeError("injected fault")
+
+    engine._slots[MODEL_ID].generator.next = broken_step
+    with pytest.raises(EngineUnavailable):
+        async for _ in stream:
+            pass
+    await asyncio.wait_for(engine.wait_stopped(), 1)
+    assert not engine.alive
+    with pytest.raises(EngineUnavailable):
+        await anext(engine.generate(LONG))
+
+
+async def test_shutdown_lets_streams_finish_within_the_grace_period(engine):
+    short = GenerationRequest(MODEL_ID, text="hi", max_tokens=5, sampling=SamplingParams(0))
+    chunks = []
+
+    async def consume():
+        async for chunk in engine.generate(short):
+            chunks.append(chunk)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.01)
+    await engine.shutdown(5)
+    await task
+    assert chunks[-1].finish_reason is not None
+    assert not engine.alive

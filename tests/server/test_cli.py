@@ -1,0 +1,143 @@
+"""`mlx-serving serve`: argument parsing, and the real process from start to SIGTERM."""
+
+import argparse
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import mlx_serving
+from mlx_serving.engine.default_model import DEFAULT_MODEL_NAME
+from mlx_serving.engine.models import ModelSource
+from mlx_serving.server.cli import make_parser, parse_model_spec
+from mlx_serving.v1 import generate_service_pb2 as generate_pb
+from mlx_serving.v1 import generate_service_pb2_grpc as generate_grpc
+from mlx_serving.v1 import model_service_pb2 as model_pb
+from mlx_serving.v1 import model_service_pb2_grpc as model_grpc
+
+LISTENING = re.compile(r"^mlx-serving listening on (\S+:\d+)$")
+STARTUP_SECONDS = 120
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("/models/llama", ("", ModelSource(local_path="/models/llama"))),
+        ("chat=/models/llama", ("chat", ModelSource(local_path="/models/llama"))),
+        ("./a=b/model", ("", ModelSource(local_path="./a=b/model"))),
+        ("hf:acme/tiny", ("", ModelSource(repo_id="acme/tiny"))),
+        ("hf:acme/tiny@v1.0", ("", ModelSource(repo_id="acme/tiny", revision="v1.0"))),
+        ("t:1=hf:acme/tiny@main", ("t:1", ModelSource(repo_id="acme/tiny", revision="main"))),
+    ],
+)
+def test_model_specs(spec, expected):
+    assert parse_model_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ("", "source.local_path"),
+        ("hf:not a repo", "source.hugging_face.repo_id"),
+        (("x" * 129) + "=/models/llama", "model_id"),
+    ],
+)
+def test_bad_model_specs_name_the_contract_field(spec, field):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(field)):
+        parse_model_spec(spec)
+
+
+def test_defaults_and_bad_arguments(capsys):
+    args = make_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.models, args.log_level) == ("127.0.0.1", 50051, [], "info")
+    assert args.shutdown_grace == 10.0
+    for bad in (["serve", "--port", "70000"], ["serve", "--model", "hf:bad repo"], []):
+        with pytest.raises(SystemExit) as exited:
+            make_parser().parse_args(bad)
+        assert exited.value.code == 2
+    assert "hf:bad repo" in capsys.readouterr().err
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This interpreter's import path for mlx_serving (both PEP 420 portions), for the child."""
+    roots = [str(Path(p).parent) for p in mlx_serving.__path__]
+    path = os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def start_server(args: list[str], log: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "mlx_serving.server.cli", "serve", "--port", "0", *args]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        env=child_env(**env),
+    )
+    ready, _, _ = select.select([process.stdout], [], [], STARTUP_SECONDS)
+    line = process.stdout.readline().strip() if ready else ""
+    if not (match := LISTENING.match(line)):
+        process.kill()
+        pytest.fail(f"no address printed (got {line!r}); log:\n{log.read_text()}")
+    return process, match.group(1)
+
+
+def stop_server(process: subprocess.Popen, log: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert code == 0, log.read_text()
+    assert process.stdout.read() == ""  # the address line is all it prints
+
+
+def test_serve_generates_and_exits_0_on_sigterm(model_path, tmp_path):
+    log = tmp_path / "server.log"
+    process, address = start_server(["--model", f"tiny={model_path}", "--log-level", "info"], log)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            request = generate_pb.GenerateRequest(
+                model_id="tiny", text="Hello", max_tokens=4, temperature=0
+            )
+            responses = list(generate_grpc.GenerateServiceStub(channel).Generate(request))
+            assert sum(len(r.token_ids) for r in responses) == 4
+            assert responses[-1].finish_reason == generate_pb.FINISH_REASON_MAX_TOKENS
+    finally:
+        stop_server(process, log)
+    assert "shutting down" in log.read_text()
+
+
+def test_serve_without_models_loads_the_built_in_model(tmp_path):
+    log = tmp_path / "server.log"
+    process, address = start_server([], log, MLX_SERVING_CACHE=str(tmp_path / "cache"))
+    try:
+        with grpc.insecure_channel(address) as channel:
+            listed = model_grpc.ModelServiceStub(channel).ListModels(model_pb.ListModelsRequest())
+            assert [m.model_id for m in listed.models] == [DEFAULT_MODEL_NAME]
+    finally:
+        stop_server(process, log)
+
+
+def test_a_model_that_fails_to_load_exits_1(tmp_path):
+    command = [sys.executable, "-m", "mlx_serving.server.cli", "serve", "--port", "0"]
+    done = subprocess.run(
+        [*command, "--model", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=STARTUP_SECONDS,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "startup failed" in done.stderr and "missing" in done.stderr

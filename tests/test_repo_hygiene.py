@@ -1,0 +1,43 @@
+"""Lint and drift checks, run as tests so the one README test command covers them."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_tool(name: str) -> str:
+    """A console script of the test venv: beside this interpreter first, then on PATH."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the test extra, pip install -e '.[test]'")
+    return found
+
+
+def check(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}"
+
+
+def test_ruff_check() -> None:
+    check([sys.executable, "-m", "ruff", "check", "--no-cache", "."])
+
+
+def test_ruff_format() -> None:
+    check([sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."])
+
+
+def test_import_contracts() -> None:
+    check([find_tool("lint-imports"), "--no-cache"])
+
+
+def test_stubs_are_current() -> None:
+    check([sys.executable, "scripts/gen_protos.py", "--check"])
+
+
+def test_buf_lint() -> None:
+    check([sys.executable, "scripts/gen_protos.py", "--lint"])
