@@ -3,13 +3,16 @@
 Usage:
   python scripts/bench.py [--model-preset small | --model PATH] [--concurrency 1,4,16,32]
                           [--max-tokens 128] [--prompt-tokens 118] [--requests-per-level N]
-                          [--skip mlx_lm_server] [--json OUT]
+                          [--rounds 1] [--skip mlx_lm_server] [--json OUT]
 
 Every backend gets the same prompts (the same token ids, distinct first tokens so no prefix
 cache helps), the same max_tokens, greedy decoding and EOS ignored, as closed-loop clients:
-each of N clients sends its next request when the previous one ends. Backends run one after
-another, never at the same time: both servers first (each stopped before the next starts),
-then the raw BatchGenerator in this process.
+each of N clients sends its next request when the previous one ends.
+
+Both servers are started (and warmed up) once and the raw BatchGenerator is loaded in this
+process; then each level runs on one backend at a time, never two at once (an idle server
+only waits on its request queue). Running the backends back to back per level, in a rotating
+order and for `--rounds` rounds, puts machine drift (thermal, other load) on all alike.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
@@ -84,49 +88,77 @@ class RequestResult:
 
 
 @dataclass
+class Round:
+    """One run of one level on one backend."""
+
+    results: list[RequestResult]
+    wall_s: float
+    server_cpu_s: float | None
+    client_cpu_s: float | None
+
+    @property
+    def tok_s(self) -> float:
+        tokens = sum(r.tokens for r in self.results if r.error is None)
+        return tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
 class LevelResult:
     backend: str
     concurrency: int
+    rounds: int
     requests: int
     failures: int
     # Requests that ended before max_tokens (EOS not ignored, or cut short).
     short: int
     tokens: int
     wall_s: float
+    # Median over rounds, and its spread.
     tok_s: float
+    tok_s_min: float
+    tok_s_max: float
+    # Over every request of every round.
     ttft_p50_ms: float
     ttft_p95_ms: float
     itl_p50_ms: float
     prompt_tokens: list[int]
     errors: list[str]
-    # CPU seconds spent during the level by the server process and by this (client) process;
-    # for raw, everything is this process and counts as server. None where unreadable.
-    server_cpu_s: float | None = None
-    client_cpu_s: float | None = None
+    # CPU seconds per round of the server process and of this (client) process; for raw,
+    # everything runs in this process and counts as server. None where unreadable.
+    server_cpu_s: float | None
+    client_cpu_s: float | None
 
 
-def summarize(
-    backend: str, concurrency: int, results: list[RequestResult], wall: float, max_tokens: int
-) -> LevelResult:
+def summarize(backend: str, concurrency: int, rounds: list[Round], max_tokens: int) -> LevelResult:
+    results = [r for one in rounds for r in one.results]
     ok = [r for r in results if r.error is None and r.first is not None]
     ttft = [1e3 * (r.first - r.start) for r in ok]
     itl = [1e3 * gap for r in ok for gap in r.itl]
-    tokens = sum(r.tokens for r in ok)
+    tok_s = [one.tok_s for one in rounds]
     return LevelResult(
         backend=backend,
         concurrency=concurrency,
+        rounds=len(rounds),
         requests=len(results),
         failures=len(results) - len(ok),
         short=sum(r.tokens < max_tokens for r in ok),
-        tokens=tokens,
-        wall_s=wall,
-        tok_s=tokens / wall if wall > 0 else 0.0,
+        tokens=sum(r.tokens for r in ok),
+        wall_s=sum(one.wall_s for one in rounds),
+        tok_s=float(np.median(tok_s)),
+        tok_s_min=min(tok_s),
+        tok_s_max=max(tok_s),
         ttft_p50_ms=percentile(ttft, 50),
         ttft_p95_ms=percentile(ttft, 95),
         itl_p50_ms=percentile(itl, 50),
         prompt_tokens=sorted({r.prompt_tokens for r in ok if r.prompt_tokens is not None}),
         errors=sorted({r.error for r in results if r.error})[:5],
+        server_cpu_s=mean_or_none([one.server_cpu_s for one in rounds]),
+        client_cpu_s=mean_or_none([one.client_cpu_s for one in rounds]),
     )
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def process_cpu_seconds(pid: int | None = None) -> float | None:
@@ -215,6 +247,16 @@ class ServerProcess:
         )
         self._drain = asyncio.create_task(self._read())
 
+    @contextlib.asynccontextmanager
+    async def stopped_on_error(self):
+        """Start the process; stop it again if what follows fails (no orphan servers)."""
+        await self.start()
+        try:
+            yield
+        except BaseException:
+            await self.stop()
+            raise
+
     async def wait_for_line(self, pattern: re.Pattern, timeout: float) -> re.Match:
         future = asyncio.get_running_loop().create_future()
         self._watch.append((pattern, future))
@@ -283,11 +325,11 @@ class MlxServingBackend:
 
         self.pb = pb
         self.ignore_eos = "ignore_eos" in pb.GenerateRequest.DESCRIPTOR.fields_by_name
-        await self.server.start()
-        match = await self.server.wait_for_line(LISTENING, self.startup_timeout)
-        self.channel = grpc.aio.insecure_channel(f"{match[1]}:{match[2]}")
-        self.stub = pb_grpc.GenerateServiceStub(self.channel)
-        await self._wait_serving()
+        async with self.server.stopped_on_error():
+            match = await self.server.wait_for_line(LISTENING, self.startup_timeout)
+            self.channel = grpc.aio.insecure_channel(f"{match[1]}:{match[2]}")
+            self.stub = pb_grpc.GenerateServiceStub(self.channel)
+            await self._wait_serving()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -369,13 +411,17 @@ class MlxLmServerBackend:
         self.startup_timeout = startup_timeout
 
     async def __aenter__(self) -> MlxLmServerBackend:
-        await self.server.start()
+        async with self.server.stopped_on_error():
+            await self._wait_healthy()
+        return self
+
+    async def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             self.server.check_alive()
             try:
                 if await http_get_status(HOST, self.port, "/health") == 200:
-                    return self
+                    return
             except OSError:
                 pass
             await asyncio.sleep(0.2)
@@ -530,41 +576,56 @@ def raw_closed_loop(generator, prompts, concurrency, max_tokens):
 @dataclass
 class Plan:
     levels: list[int]
+    rounds: int
     max_tokens: int
     prompt_tokens: int
     warmup: list[Prompt]
-    per_level: dict[int, list[Prompt]]
+    # level → one list of prompts per round
+    prompts: dict[int, list[list[Prompt]]]
 
 
-def make_plan(tokenizer, levels: list[int], max_tokens: int, prompt_tokens: int, per_level: int | None) -> Plan:
-    counts = {c: per_level or 2 * c for c in levels}
+def make_plan(tokenizer, args) -> Plan:
+    """Every request of the run gets its own prompt, the same for every backend."""
+    levels, rounds = args.concurrency, args.rounds
+    counts = {c: args.requests_per_level or 2 * c for c in levels}
     firsts: set[int] = set()
-    prompts = make_prompts(tokenizer, sum(counts.values()), prompt_tokens, firsts=firsts)
+    total = rounds * sum(counts.values())
+    pool = iter(make_prompts(tokenizer, total, args.prompt_tokens, firsts=firsts))
+    prompts = {c: [[next(pool) for _ in range(counts[c])] for _ in range(rounds)] for c in levels}
     warmup = make_prompts(tokenizer, max(levels), WARMUP_PROMPT_TOKENS, seed=1, firsts=firsts)
-    split, at = {}, 0
-    for c in levels:
-        split[c], at = prompts[at : at + counts[c]], at + counts[c]
-    return Plan(levels, max_tokens, prompt_tokens, warmup, split)
+    return Plan(levels, rounds, args.max_tokens, args.prompt_tokens, warmup, prompts)
 
 
-async def run_backend(backend, plan: Plan) -> dict[int, LevelResult]:
-    """Warm up (every batch size up to the largest level), then run each level in turn."""
-    async with backend:
-        results, _ = await backend.run_level(plan.warmup, len(plan.warmup), WARMUP_TOKENS)
-        if failed := [r.error for r in results if r.error]:
-            raise RuntimeError(f"{backend.name} warm-up failed: {failed[0]}")
-        levels = {}
-        for c in plan.levels:
-            server_pid = backend.server_pid()
-            before = process_cpu_seconds(server_pid), process_cpu_seconds()
-            results, wall = await backend.run_level(plan.per_level[c], c, plan.max_tokens)
-            after = process_cpu_seconds(server_pid), process_cpu_seconds()
-            levels[c] = summarize(backend.name, c, results, wall, plan.max_tokens)
-            levels[c].server_cpu_s = cpu_delta(before[0], after[0])
-            if server_pid is not None:
-                levels[c].client_cpu_s = cpu_delta(before[1], after[1])
-            print(f"  {backend.name} c={c}: {levels[c].tok_s:.1f} tok/s", flush=True)
-        return levels
+async def warm_up(backend, plan: Plan) -> None:
+    """Every batch size up to the largest level, before anything is measured."""
+    results, _ = await backend.run_level(plan.warmup, len(plan.warmup), WARMUP_TOKENS)
+    if failed := [r.error for r in results if r.error]:
+        raise RuntimeError(f"{backend.name} warm-up failed: {failed[0]}")
+
+
+async def measure(backend, prompts: list[Prompt], concurrency: int, max_tokens: int) -> Round:
+    server_pid = backend.server_pid()
+    before = process_cpu_seconds(server_pid), process_cpu_seconds()
+    results, wall = await backend.run_level(prompts, concurrency, max_tokens)
+    after = process_cpu_seconds(server_pid), process_cpu_seconds()
+    client_cpu = cpu_delta(before[1], after[1]) if server_pid is not None else None
+    return Round(results, wall, cpu_delta(before[0], after[0]), client_cpu)
+
+
+async def run_levels(backends: list, plan: Plan) -> dict[int, dict[str, LevelResult]]:
+    """Level by level, round by round, one backend at a time in a rotating order."""
+    by_level = {}
+    for c in plan.levels:
+        rounds: dict[str, list[Round]] = {b.name: [] for b in backends}
+        for i, prompts in enumerate(plan.prompts[c]):
+            for backend in backends[i % len(backends) :] + backends[: i % len(backends)]:
+                one = await measure(backend, prompts, c, plan.max_tokens)
+                rounds[backend.name].append(one)
+                print(f"  c={c} round {i + 1}: {backend.name} {one.tok_s:.1f} tok/s", flush=True)
+        by_level[c] = {
+            name: summarize(name, c, runs, plan.max_tokens) for name, runs in rounds.items()
+        }
+    return by_level
 
 
 def ratio(a: LevelResult | None, b: LevelResult | None, attr: str) -> float | None:
@@ -578,14 +639,18 @@ def level_checks(c: int, rows: dict[str, LevelResult]) -> list[dict]:
     ours, raw, peer = rows.get(MLX_SERVING), rows.get(RAW), rows.get(MLX_LM_SERVER)
     checks = []
     if (r := ratio(ours, raw, "tok_s")) is not None:
-        checks.append(check(c, "tok/s mlx_serving/raw", r, r >= RAW_RATIO_MIN, f">= {RAW_RATIO_MIN}"))
+        checks.append(
+            check(c, "tok/s mlx_serving/raw", r, r >= RAW_RATIO_MIN, f">= {RAW_RATIO_MIN}")
+        )
     if c == SERVER_TOKS_AT and (r := ratio(ours, peer, "tok_s")) is not None:
         ok = r >= SERVER_TOKS_RATIO_MIN and ours.failures == 0
         target = f">= {SERVER_TOKS_RATIO_MIN}, 0 failures (had {ours.failures})"
         checks.append(check(c, "tok/s mlx_serving/mlx_lm_server", r, ok, target))
     if c == SERVER_TTFT_AT and (r := ratio(ours, peer, "ttft_p50_ms")) is not None:
         target = f"<= {SERVER_TTFT_RATIO_MAX}"
-        checks.append(check(c, "TTFT p50 mlx_serving/mlx_lm_server", r, r <= SERVER_TTFT_RATIO_MAX, target))
+        checks.append(
+            check(c, "TTFT p50 mlx_serving/mlx_lm_server", r, r <= SERVER_TTFT_RATIO_MAX, target)
+        )
     return checks
 
 
@@ -594,30 +659,38 @@ def check(c: int, name: str, value: float, ok: bool, target: str) -> dict:
 
 
 def format_level(c: int, rows: dict[str, LevelResult], plan: Plan, checks: list[dict]) -> str:
-    n = len(plan.per_level[c])
+    n = len(plan.prompts[c][0])
     lines = [
-        f"\n== concurrency {c}: {n} requests, max_tokens {plan.max_tokens}, "
-        f"{plan.prompt_tokens} prompt tokens ==",
-        f"{'backend':<15}{'tok/s':>10}{'TTFT p50':>11}{'TTFT p95':>11}{'ITL p50':>10}"
-        f"{'fail':>6}{'short':>7}{'cpu srv/cli':>14}  prompt_tokens",
+        f"\n== concurrency {c}: {n} requests x {plan.rounds} round(s), "
+        f"{plan.prompt_tokens} prompt tokens, max_tokens {plan.max_tokens} ==",
+        f"{'backend':<14}{'tok/s':>8}{'(min-max)':>16}{'TTFT p50':>11}{'TTFT p95':>11}"
+        f"{'ITL p50':>10}{'fail':>5}{'short':>6}{'cpu srv/cli':>13}  prompt_tokens",
     ]
     for name in BACKENDS:
         if (r := rows.get(name)) is not None:
-            lines.append(
-                f"{name:<15}{r.tok_s:>10.1f}{r.ttft_p50_ms:>9.1f}ms{r.ttft_p95_ms:>9.1f}ms"
-                f"{r.itl_p50_ms:>8.1f}ms{r.failures:>6}{r.short:>7}{format_cpu(r):>14}"
-                f"  {r.prompt_tokens}"
-                + (f"  errors: {r.errors}" if r.errors else "")
-            )
+            lines.append(format_row(r))
     ours = rows.get(MLX_SERVING)
     for peer in (RAW, MLX_LM_SERVER):
-        toks, ttft = ratio(ours, rows.get(peer), "tok_s"), ratio(ours, rows.get(peer), "ttft_p50_ms")
+        toks, ttft = (
+            ratio(ours, rows.get(peer), "tok_s"),
+            ratio(ours, rows.get(peer), "ttft_p50_ms"),
+        )
         if toks is not None:
             lines.append(f"mlx_serving/{peer}: tok/s x{toks:.3f}, TTFT p50 x{ttft:.3f}")
     for item in checks:
         verdict = "PASS" if item["pass"] else "FAIL"
         lines.append(f"[{verdict}] {item['name']} = {item['value']:.3f} (target {item['target']})")
     return "\n".join(lines)
+
+
+def format_row(r: LevelResult) -> str:
+    spread = f"({r.tok_s_min:.1f}-{r.tok_s_max:.1f})"
+    errors = f"  errors: {r.errors}" if r.errors else ""
+    return (
+        f"{r.backend:<14}{r.tok_s:>8.1f}{spread:>16}{r.ttft_p50_ms:>9.1f}ms{r.ttft_p95_ms:>9.1f}ms"
+        f"{r.itl_p50_ms:>8.1f}ms{r.failures:>5}{r.short:>6}{format_cpu(r):>13}"
+        f"  {r.prompt_tokens}{errors}"
+    )
 
 
 def format_cpu(r: LevelResult) -> str:
@@ -628,7 +701,6 @@ def format_cpu(r: LevelResult) -> str:
 
 
 def make_backends(args, model: Path) -> list:
-    """Servers first, each stopped before the next starts; the in-process raw run last."""
     backends = []
     if MLX_LM_SERVER not in args.skip:
         backends.append(MlxLmServerBackend(model, args.startup_timeout))
@@ -643,18 +715,16 @@ async def run(args) -> dict:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     model = args.model or bench_model_path(args.model_preset)
-    plan = make_plan(
-        load_tokenizer(model), args.concurrency, args.max_tokens, args.prompt_tokens,
-        args.requests_per_level,
-    )
+    plan = make_plan(load_tokenizer(model), args)
     backends = make_backends(args, model)
     print(f"model {model}; backends {[b.name for b in backends]}", flush=True)
-    by_backend = {}
-    for backend in backends:
-        by_backend[backend.name] = await run_backend(backend, plan)
+    async with contextlib.AsyncExitStack() as stack:
+        for backend in backends:
+            await stack.enter_async_context(backend)
+            await warm_up(backend, plan)
+        by_level = await run_levels(backends, plan)
     report = {"model": str(model), "config": describe_args(args), "levels": {}, "checks": []}
-    for c in plan.levels:
-        rows = {name: levels[c] for name, levels in by_backend.items()}
+    for c, rows in by_level.items():
         checks = level_checks(c, rows)
         print(format_level(c, rows, plan, checks))
         report["levels"][str(c)] = {name: asdict(r) for name, r in rows.items()}
@@ -688,11 +758,16 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=118)
     parser.add_argument("--requests-per-level", type=int, help="default: 2 x concurrency")
-    parser.add_argument("--skip", type=name_list, action="extend", default=[], help=",".join(BACKENDS))
+    parser.add_argument("--rounds", type=int, default=1, help="repeat each level, interleaved")
+    parser.add_argument(
+        "--skip", type=name_list, action="extend", default=[], help=",".join(BACKENDS)
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
-        "--server-arg", action="append", default=[],
+        "--server-arg",
+        action="append",
+        default=[],
         help="extra argument for `mlx_serving.server.cli serve`, as --server-arg=--flag=value",
     )
     return parser.parse_args(argv)
@@ -700,7 +775,11 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(run(args))
+    try:
+        report = asyncio.run(run(args))
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

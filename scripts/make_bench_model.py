@@ -101,7 +101,9 @@ def make_bench_model(out: Path, preset: str = "small", overrides: dict | None = 
     return out
 
 
-def bench_model_path(preset: str, overrides: dict | None = None, cache_dir: Path | None = None) -> Path:
+def bench_model_path(
+    preset: str, overrides: dict | None = None, cache_dir: Path | None = None
+) -> Path:
     """The cached build of a preset, built on first use."""
     if PRESETS[preset] is None and not overrides:
         return default_model_path(cache_dir)
@@ -165,7 +167,10 @@ def _param_shapes(c: dict) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (inter, hidden),
         "mlp.down_proj.weight": (hidden, inter),
     }
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (c["vocab_size"], hidden),
+        "model.norm.weight": (hidden,),
+    }
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (c["vocab_size"], hidden)
     for i in range(c["num_hidden_layers"]):
@@ -206,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", nargs="?", type=Path, help="where to write the model")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config.json field of the preset (e.g. num_hidden_layers=2)",
     )
     args = parser.parse_args(argv)

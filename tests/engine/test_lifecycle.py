@@ -15,6 +15,7 @@ from mlx_serving.engine.events import (
     GenerationStarted,
     ModelLoaded,
     ModelUnloaded,
+    TokenGenerated,
 )
 from mlx_serving.engine.models import ModelSource, ModelState
 from mlx_serving.engine.requests import GenerationRequest, SamplingParams
@@ -114,9 +115,8 @@ async def test_unloading_ends_in_flight_generations(engine):
 
 
 async def test_events_follow_a_generation(engine, model_path):
-    events = engine.subscribe()
-    pending = asyncio.ensure_future(anext(events))
-    await asyncio.sleep(0)
+    kinds = frozenset({GenerationStarted, GenerationCompleted, ModelLoaded, ModelUnloaded})
+    events = engine.subscribe(kinds)
     request = GenerationRequest(
         MODEL_ID, text="hi", max_tokens=3, sampling=SamplingParams(0), request_id="r1"
     )
@@ -124,7 +124,7 @@ async def test_events_follow_a_generation(engine, model_path):
         pass
     await engine.load_model(ModelSource(local_path=str(model_path)), "second")
     await engine.unload_model("second")
-    got = [await pending] + [await anext(events) for _ in range(3)]
+    got = [await anext(events) for _ in range(4)]
     assert [type(e.payload) for e in got] == [
         GenerationStarted,
         GenerationCompleted,
@@ -132,8 +132,24 @@ async def test_events_follow_a_generation(engine, model_path):
         ModelUnloaded,
     ]
     assert got[0].request_id == "r1" and got[1].payload.tokens_generated == 3
+    assert got[0].payload.text == "hi" and got[0].payload.max_tokens == 3
     assert [e.model_id for e in got] == [MODEL_ID, MODEL_ID, "second", "second"]
+    assert [e.payload.model for e in got] == [MODEL_ID, MODEL_ID, "second", "second"]
     await events.aclose()
+    assert not engine.events._subscriptions
+
+
+async def test_token_events_cost_nothing_without_a_token_subscriber(engine):
+    everything = engine.subscribe()
+    request = GenerationRequest(MODEL_ID, text="hi", max_tokens=3, sampling=SamplingParams(0))
+    async for _ in engine.generate(request):
+        pass
+    assert engine.events.token_subscribers == 0
+    kinds = []
+    while not everything.subscription.queue.empty():
+        kinds.append(type((await anext(everything)).payload))
+    assert TokenGenerated not in kinds and GenerationCompleted in kinds
+    await everything.aclose()
 
 
 async def test_a_dead_engine_thread_ends_streams_and_says_so(engine):

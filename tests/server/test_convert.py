@@ -1,6 +1,7 @@
 """The pure pieces of the wire layer: conversions and the error → status table."""
 
 import grpc
+import protovalidate
 import pytest
 from google.rpc import code_pb2, status_pb2
 
@@ -16,6 +17,7 @@ from mlx_serving.engine.requests import (
 )
 from mlx_serving.server import convert
 from mlx_serving.server.app import host_port
+from mlx_serving.server.interceptor import describe
 from mlx_serving.server.status import internal_error, status_for
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
@@ -83,7 +85,9 @@ def test_every_generate_field_reaches_the_engine():
 def test_chunks_become_responses():
     middle = convert.generate_response(GenerationChunk("a", (1,)), "r")
     assert middle == generate_pb.GenerateResponse(request_id="r", text="a", token_ids=[1])
-    usage = Usage(3, 2, 1, time_to_first_token=0.25, tokens_per_second=50.0, total_time=1.5)
+    usage = Usage(
+        3, 2, 1, queue_time=0.1, time_to_first_token=0.25, tokens_per_second=50.0, total_time=1.5
+    )
     last = convert.generate_response(
         GenerationChunk("", (), FinishReason.STOP_SEQUENCE, usage, "END"), "r"
     )
@@ -121,29 +125,84 @@ def test_model_info_and_sources():
     assert convert.model_source(model_pb.ModelSource(local_path="/m")) == ModelSource("/m")
 
 
-@pytest.mark.parametrize(
-    ("payload", "field"),
-    [
-        (events.ModelLoaded("/m", 0.5), "model_loaded"),
-        (events.ModelUnloaded("requested"), "model_unloaded"),
-        (events.GenerationStarted(3, 9), "generation_started"),
-        (events.GenerationCompleted(9, 0.5, 18.0, "max_tokens"), "generation_completed"),
-        (events.ErrorOccurred("boom", "engine_dead"), "error"),
-    ],
-)
-def test_every_event_payload_converts(payload, field):
+MINIMAL_PAYLOADS = [
+    (events.ModelLoaded("m", "/models/m"), "model_loaded"),
+    (events.ModelUnloaded("m"), "model_unloaded"),
+    (events.ModelInvalidated("m", "engine thread died"), "model_invalidated"),
+    (events.GenerationStarted("m", text="hi"), "generation_started"),
+    (events.TokenGenerated("m", ""), "token_generated"),  # the empty token: end of sequence
+    (events.GenerationCompleted("m", 0, 0.0), "generation_completed"),  # zero tokens is fine
+    (events.ErrorOccurred("boom"), "error"),
+    (events.RuntimeStatus("ready", 0), "runtime_status"),
+]
+FULL_PAYLOADS = [
+    (
+        events.ModelLoaded("m", "/m", "4-bit affine, group 64", 7, (("dtype", "bf16"),)),
+        "model_loaded",
+    ),
+    (events.ModelUnloaded("m", "requested", (("by", "admin"),)), "model_unloaded"),
+    (
+        events.GenerationStarted("m", messages=(ChatMessage("user", "hi"),), max_tokens=9),
+        "generation_started",
+    ),
+    (events.GenerationStarted("m", token_ids=(1, 2), metadata=(("u", "v"),)), "generation_started"),
+    (events.TokenGenerated("m", "lo", 5, -0.25, False, (("u", "v"),)), "token_generated"),
+    (
+        events.GenerationCompleted("m", 9, 0.5, 18.0, "max_tokens", (("u", "v"),)),
+        "generation_completed",
+    ),
+    (events.ErrorOccurred("boom", "engine_dead", "m", (("k", "v"),)), "error"),
+    (events.RuntimeStatus("busy", 2, 5, (("k", "v"),)), "runtime_status"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), MINIMAL_PAYLOADS + FULL_PAYLOADS)
+def test_every_event_payload_converts_to_a_valid_message(payload, field):
     event = events.Event(payload, model_id="m", request_id="r", time=1700000000.25)
     message = convert.event_pb(event)
     assert message.WhichOneof("payload") == field
-    assert (message.model_id, message.request_id) == ("m", "r")
+    assert message.request_id == "r"
     assert message.time.ToMilliseconds() == 1700000000250
-    values = [getattr(getattr(message, field), name) for name in vars(payload)]
-    assert values == list(vars(payload).values())
+    assert protovalidate.collect_violations(message) == []
+    converted = getattr(message, field)
+    assert dict(converted.metadata) == dict(payload.metadata)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (events.ModelLoaded("", "/m"), "model_loaded.model"),
+        (events.ModelLoaded("m", ""), "model_loaded.model_path"),
+        (events.ModelInvalidated("m", ""), "model_invalidated.reason"),
+        (events.ModelInvalidated("", "why"), "model_invalidated.model"),
+        (events.TokenGenerated("m", "x", logprob=0.5), "token_generated.logprob"),
+        (
+            events.GenerationCompleted("m", 1, 0.1, throughput=-1.0),
+            "generation_completed.throughput",
+        ),
+        (events.ErrorOccurred(""), "error.error"),
+    ],
+)
+def test_a_payload_breaking_the_seed_rules_is_caught(payload, field):
+    message = convert.event_pb(events.Event(payload))
+    assert [describe(v)[0] for v in protovalidate.collect_violations(message)] == [field]
+
+
+def test_the_prompt_of_a_started_generation_keeps_its_kind():
+    chat = events.GenerationStarted(
+        "m", messages=(ChatMessage("user", "hi"),), add_generation_prompt=False
+    )
+    message = convert.event_pb(events.Event(chat)).generation_started
+    assert message.WhichOneof("prompt") == "chat"
+    assert not message.chat.add_generation_prompt and message.chat.messages[0].content == "hi"
+    tokens = convert.event_pb(events.Event(events.GenerationStarted("m", token_ids=(4, 5))))
+    assert list(tokens.generation_started.tokens.ids) == [4, 5]
+    assert not tokens.generation_started.HasField("max_tokens")
 
 
 def test_event_filters():
     everything = convert.event_filter(events_pb.SubscribeRequest())
-    assert everything == (None, None)
+    assert everything == (None, None)  # every kind but TokenGenerated, which is opt-in
     kinds, model_ids = convert.event_filter(
         events_pb.SubscribeRequest(types=[events_pb.EVENT_TYPE_ERROR], model_ids=["a", "b"])
     )

@@ -23,3 +23,5 @@ class EngineConfig:
     shutdown_grace_seconds: float = 10.0
     # What a refused request is told to wait before retrying.
     retry_after_seconds: float = 1.0
+    # A batch step running longer than this means the engine is wedged: it is declared dead.
+    wedge_timeout_seconds: float = 30.0

@@ -6,6 +6,7 @@ thread sends results back with `loop.call_soon_threadsafe`, once per step for al
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -36,12 +37,16 @@ from .events import (
     EventBus,
     GenerationCompleted,
     GenerationStarted,
+    ModelInvalidated,
     ModelLoaded,
     ModelUnloaded,
+    RuntimeStatus,
     Subscription,
+    TokenGenerated,
 )
 from .loading import LoadedModel, load_model
 from .models import ModelInfo, ModelSource, ModelState
+from .observer import EngineObserver
 from .requests import FinishReason, GenerationChunk, GenerationRequest, Usage
 from .sampling import make_logits_processors, make_sampler
 from .stopping import StopMatcher
@@ -52,7 +57,7 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """The reader's side of a request; the engine thread attaches the sequence it admits."""
 
@@ -76,7 +81,10 @@ class Sequence:
     eos: frozenset[int]
     cached_tokens: int = 0
     arrival: float = field(default_factory=time.perf_counter)
+    started: bool = False
+    start_time: float = 0.0
     first_token_time: float = 0.0
+    last_token_time: float = 0.0
     completion_tokens: int = 0
     uid: int = -1
 
@@ -91,8 +99,11 @@ class ModelSlot:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig()):
+    def __init__(
+        self, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None
+    ):
         self.config = config
+        self.observer = observer or EngineObserver()
         self.events = EventBus()
         self._infos: dict[str, ModelInfo] = {}
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -105,6 +116,12 @@ class Engine:
         self._dead = False
         self._active = 0
         self._deliveries: list[tuple[asyncio.Queue, Any]] = []
+        self._events_out: list[Event] = []
+        self._tickets: set[Ticket] = set()
+        self._status = ""
+        # When the engine thread entered the current batch step; None between steps.
+        self._stepping_since: float | None = None
+        self._watchdog: asyncio.Task | None = None
         self._prefix_cache = LRUPromptCache(
             max_size=config.prefix_cache_entries, max_bytes=config.prefix_cache_bytes
         )
@@ -116,6 +133,7 @@ class Engine:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
+        self._watchdog = asyncio.create_task(self._watch())
 
     @property
     def alive(self) -> bool:
@@ -133,6 +151,7 @@ class Engine:
         if not self._running:
             return
         self._draining = True
+        self.events.publish(Event(RuntimeStatus("shutdown", len(self._slots), self._active)))
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         while self._active and time.monotonic() < deadline:
@@ -141,7 +160,9 @@ class Engine:
             await self._call(self._abort_all, RequestAborted("the server is shutting down"))
         self._running = False
         self._commands.put(lambda: None)
-        await asyncio.to_thread(self._thread.join)
+        self._watchdog.cancel()
+        # A wedged thread may never return: wait for it only a moment then.
+        await asyncio.to_thread(self._thread.join, 1.0 if self._dead else None)
         self.events.close()
 
     # ---- models ----------------------------------------------------------------------
@@ -237,6 +258,7 @@ class Engine:
             raise EngineOverloaded(self.config.retry_after_seconds)
         ticket = Ticket(outbox=asyncio.Queue(), internal=internal)
         self._active += 1
+        self._tickets.add(ticket)
         try:
             await self._call(self._admit, request, ticket)
             while True:
@@ -256,6 +278,7 @@ class Engine:
                     return
         finally:
             self._active -= 1
+            self._tickets.discard(ticket)
             if not ticket.finished and not self._dead and self._running:
                 # FIFO commands: this runs after the admission, even if we left while awaiting it.
                 self._commands.put(lambda: self._cancel(ticket))
@@ -269,8 +292,32 @@ class Engine:
         return EventStream(self.events, self.events.subscribe(kinds, model_ids))
 
     def _publish(self, event: Event) -> None:
-        """Engine thread → event loop."""
-        self._loop.call_soon_threadsafe(self.events.publish, event)
+        """Engine thread: sent to the loop with the step's other results (see `_deliver`)."""
+        self._events_out.append(event)
+
+    async def _watch(self) -> None:
+        """Declare the engine dead when one batch step outlives the wedge timeout."""
+        timeout = self.config.wedge_timeout_seconds
+        while not self._dead:
+            await asyncio.sleep(min(0.25, timeout / 4))
+            since = self._stepping_since
+            if since is not None and time.monotonic() - since > timeout:
+                self._fail(f"the engine is wedged: a batch step has run for over {timeout:g} s")
+
+    def _fail(self, reason: str) -> None:
+        """Event loop: the engine thread died or wedged. End every stream and say so once."""
+        if self._dead:
+            return
+        self._dead = True
+        log.error("engine failed: %s", reason)
+        error = EngineUnavailable("the engine stopped after an internal error")
+        for ticket in self._tickets:
+            ticket.outbox.put_nowait(error)
+        for model_id in self._slots:
+            self.events.publish(Event(ModelInvalidated(model_id, reason), model_id=model_id))
+        self.events.publish(Event(ErrorOccurred(reason, code="engine_dead")))
+        self.events.publish(Event(RuntimeStatus("error", 0, self._active)))
+        self._stopped.set()
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -295,7 +342,8 @@ class Engine:
                 result = (True, fn(*args))
             except Exception as exc:
                 result = (False, exc)
-            self._loop.call_soon_threadsafe(settle, *result)
+            self._deliver()  # the command's events reach the loop before its result
+            self._to_loop(settle, *result)
 
         self._commands.put(command)
         return await future
@@ -308,15 +356,31 @@ class Engine:
             with mx.stream(self._stream):
                 while self._running:
                     self._take_commands()
+                    self._stepping_since = time.monotonic()
                     for slot in list(self._slots.values()):
                         if slot.sequences:
                             self._step(slot)
+                    self._stepping_since = None
+                    self._report_status()
                     self._deliver()
         except BaseException as exc:
             log.exception("engine thread died")
-            self._die(exc)
+            self._deliver()  # what was already decided, such as events of admitted requests
+            self._to_loop(self._fail, f"engine thread died: {type(exc).__name__}")
         finally:
-            self._loop.call_soon_threadsafe(self._stopped.set)
+            self._to_loop(self._stopped.set)
+
+    def _to_loop(self, fn: Callable, *args) -> None:
+        """Engine thread → event loop; a loop already closed has no one left to tell."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _report_status(self) -> None:
+        active = sum(len(slot.sequences) for slot in self._slots.values())
+        status = "busy" if active else "ready"
+        if status != self._status:
+            self._status = status
+            self._publish(Event(RuntimeStatus(status, len(self._slots), active)))
 
     def _take_commands(self) -> None:
         busy = any(slot.sequences for slot in self._slots.values())
@@ -331,23 +395,20 @@ class Engine:
                 return
             command()
 
-    def _die(self, exc: BaseException) -> None:
-        """Tell every reader, without touching MLX state that may be what failed."""
-        self._dead = True
-        error = EngineUnavailable("the engine stopped after an internal error")
-        for slot in self._slots.values():
-            for sequence in slot.sequences.values():
-                self._send(sequence, error)
-        self._deliver()
-        self._publish(Event(ErrorOccurred(message="engine thread died", code="engine_dead")))
-
     def _send(self, sequence: Sequence, item: Any) -> None:
         self._deliveries.append((sequence.ticket.outbox, item))
 
     def _deliver(self) -> None:
-        if self._deliveries:
+        """One hop to the event loop per step, for every reader's chunks and every event."""
+        if self._deliveries or self._events_out:
             deliveries, self._deliveries = self._deliveries, []
-            self._loop.call_soon_threadsafe(deliver_all, deliveries)
+            events, self._events_out = self._events_out, []
+            self._to_loop(self._receive, deliveries, events)
+
+    def _receive(self, deliveries: list[tuple[asyncio.Queue, Any]], events: list[Event]) -> None:
+        for outbox, item in deliveries:
+            outbox.put_nowait(item)
+        self.events.publish_all(events)
 
     def _load(self, source: ModelSource, model_id: str) -> ModelInfo:
         started = time.perf_counter()
@@ -362,8 +423,8 @@ class Engine:
             stream=self._stream,
         )
         self._slots[model_id] = ModelSlot(loaded=loaded, generator=generator)
-        elapsed = time.perf_counter() - started
-        self._publish(Event(ModelLoaded(str(loaded.path), elapsed), model_id=model_id))
+        self.observer.models_loaded(len(self._slots))
+        self._publish(loaded_event(loaded, time.perf_counter() - started))
         return loaded.info
 
     def _unload(self, model_id: str) -> None:
@@ -373,7 +434,8 @@ class Engine:
         slot.generator.close()
         del slot
         mx.clear_cache()
-        self._publish(Event(ModelUnloaded(reason="requested"), model_id=model_id))
+        self.observer.models_loaded(len(self._slots))
+        self._publish(Event(ModelUnloaded(model_id, reason="requested"), model_id=model_id))
 
     def _admit(self, request: GenerationRequest, ticket: Ticket) -> None:
         slot = self._slots[request.model_id]
@@ -393,7 +455,10 @@ class Engine:
                 )
             max_tokens, clipped = min(max_tokens, room), room < max_tokens
         eos = frozenset(() if request.ignore_eos else tokenizer.eos_token_ids)
-        cache, cached = self._cached_prefix(request.model_id, prompt)
+        # Warm-up requests neither use nor fill the prefix cache.
+        cache, cached = (
+            (None, 0) if ticket.internal else self._cached_prefix(request.model_id, prompt)
+        )
         sequence = Sequence(
             request=request,
             prompt=prompt,
@@ -418,9 +483,18 @@ class Engine:
         slot.sequences[sequence.uid] = sequence
         ticket.sequence = sequence
         if not ticket.internal:
+            self.observer.request_queued(request.model_id)
             self._publish(
                 Event(
-                    GenerationStarted(prompt_tokens=len(prompt), max_tokens=max_tokens),
+                    GenerationStarted(
+                        model=request.model_id,
+                        text=request.text,
+                        messages=request.messages,
+                        add_generation_prompt=request.add_generation_prompt,
+                        token_ids=request.token_ids,
+                        max_tokens=max_tokens,
+                        metadata=request.metadata,
+                    ),
                     model_id=request.model_id,
                     request_id=request.request_id,
                 )
@@ -429,6 +503,7 @@ class Engine:
     def _cached_prefix(self, model_id: str, prompt: list[int]) -> tuple[list | None, int]:
         """The KV cache of the longest cached prefix, leaving at least one token to compute."""
         cache, rest = self._prefix_cache.fetch_nearest_cache(model_id, prompt)
+        self.observer.prefix_cache_lookup(cache is not None)
         if cache is None:
             return None, 0
         if not rest:
@@ -445,10 +520,18 @@ class Engine:
         self._prefix_cache.insert_cache(model_id, list(tokens), cache)
         running = sum(slot.generator.prompt_cache_nbytes for slot in self._slots.values())
         self._prefix_cache.trim_to(n_bytes=self.config.prefix_cache_bytes - running)
+        self.observer.prefix_cache_size(self._prefix_cache.nbytes)
 
     def _step(self, slot: ModelSlot) -> None:
-        _, responses = slot.generator.next()
+        started = time.perf_counter()
+        prompt_responses, responses = slot.generator.next()
         now = time.perf_counter()
+        model_id = slot.loaded.info.model_id
+        self.observer.step(model_id, len(responses), now - started)
+        for response in prompt_responses:
+            sequence = slot.sequences.get(response.uid)
+            if sequence is not None and not sequence.started:
+                self._mark_started(sequence, now)
         for response in responses:
             sequence = slot.sequences.get(response.uid)
             if sequence is not None:
@@ -457,8 +540,16 @@ class Engine:
     def _advance(self, slot: ModelSlot, sequence: Sequence, response: Any, now: float) -> None:
         """One new token of one sequence: detokenize, match stops, emit, maybe finish."""
         sequence.completion_tokens += 1
+        model_id = sequence.request.model_id
         if sequence.completion_tokens == 1:
+            if not sequence.started:
+                self._mark_started(sequence, now)
             sequence.first_token_time = now
+            if not sequence.ticket.internal:
+                self.observer.first_token(model_id, now - sequence.arrival)
+        elif not sequence.ticket.internal:
+            self.observer.tokens(model_id, 1, now - sequence.last_token_time)
+        sequence.last_token_time = now
         finish, matched = finish_reason(response, sequence), ""
         stopped_by_token = response.finish_reason == "stop"
         if stopped_by_token and finish is FinishReason.STOP_SEQUENCE:
@@ -475,6 +566,8 @@ class Engine:
                 finish, matched = FinishReason.STOP_SEQUENCE, stop
             elif finish is not None:
                 text += sequence.stop_matcher.flush()
+        if self.events.token_subscribers and not sequence.ticket.internal:
+            self._publish_token(sequence, response, text, finish is not None)
         if finish is None:
             self._send(sequence, GenerationChunk(text=text, token_ids=ids))
             return
@@ -483,10 +576,35 @@ class Engine:
             cache, tokens = removed.get(sequence.uid, (None, None))
         else:
             cache, tokens = response.prompt_cache, response.all_tokens
-        self._remember_prefix(sequence.request.model_id, tokens, cache)
+        if not sequence.ticket.internal:
+            self._remember_prefix(sequence.request.model_id, tokens, cache)
         usage = make_usage(sequence, now)
         self._send(sequence, GenerationChunk(text, ids, finish, usage, matched))
         self._end(slot, sequence, _END, finish, usage)
+
+    def _publish_token(self, sequence: Sequence, response: Any, text: str, last: bool) -> None:
+        """Only runs while someone subscribes to TokenGenerated: it costs a device sync."""
+        request = sequence.request
+        logprob = response.logprobs[response.token].item()
+        self._publish(
+            Event(
+                TokenGenerated(
+                    request.model_id, text, response.token, logprob, False, request.metadata
+                ),
+                model_id=request.model_id,
+                request_id=request.request_id,
+            )
+        )
+        if last:
+            end = TokenGenerated(
+                request.model_id, "", end_of_sequence=True, metadata=request.metadata
+            )
+            self._publish(Event(end, model_id=request.model_id, request_id=request.request_id))
+
+    def _mark_started(self, sequence: Sequence, now: float) -> None:
+        sequence.started, sequence.start_time = True, now
+        if not sequence.ticket.internal:
+            self.observer.request_started(sequence.request.model_id, now - sequence.arrival)
 
     def _cancel(self, ticket: Ticket) -> None:
         sequence = ticket.sequence
@@ -512,13 +630,24 @@ class Engine:
         if sequence.ticket.internal:
             return
         usage = usage or make_usage(sequence, time.perf_counter())
+        self.observer.request_finished(
+            sequence.request.model_id,
+            finish.value,
+            usage.prompt_tokens,
+            usage.cached_prompt_tokens,
+            usage.completion_tokens,
+            usage.total_time,
+            sequence.started,
+        )
         self._publish(
             Event(
                 GenerationCompleted(
+                    model=sequence.request.model_id,
                     tokens_generated=sequence.completion_tokens,
                     duration_seconds=usage.total_time,
-                    tokens_per_second=usage.tokens_per_second,
+                    throughput=usage.tokens_per_second,
                     finish_reason=finish.value,
+                    metadata=sequence.request.metadata,
                 ),
                 model_id=sequence.request.model_id,
                 request_id=sequence.request.request_id,
@@ -558,11 +687,6 @@ class EventStream:
 
     async def aclose(self) -> None:
         self.close()
-
-
-def deliver_all(deliveries: list[tuple[asyncio.Queue, Any]]) -> None:
-    for outbox, item in deliveries:
-        outbox.put_nowait(item)
 
 
 def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
@@ -642,7 +766,34 @@ def make_usage(sequence: Sequence, now: float) -> Usage:
         prompt_tokens=len(sequence.prompt),
         completion_tokens=n,
         cached_prompt_tokens=sequence.cached_tokens,
+        queue_time=(sequence.start_time - sequence.arrival)
+        if sequence.started
+        else now - sequence.arrival,
         time_to_first_token=(sequence.first_token_time - sequence.arrival) if n else 0.0,
         tokens_per_second=(n - 1) / decoding if n > 1 and decoding > 0 else 0.0,
         total_time=now - sequence.arrival,
+    )
+
+
+def loaded_event(loaded: LoadedModel, seconds: float) -> Event:
+    info = loaded.info
+    quantization = info.quantization
+    details = {
+        "dtype": info.dtype,
+        "architecture": info.architecture,
+        "load_seconds": f"{seconds:.3f}",
+    }
+    return Event(
+        ModelLoaded(
+            model=info.model_id,
+            model_path=str(loaded.path),
+            quantization=(
+                f"{quantization.bits}-bit {quantization.mode}, group {quantization.group_size}"
+                if quantization
+                else ""
+            ),
+            parameters=info.parameter_count,
+            metadata=tuple(details.items()),
+        ),
+        model_id=info.model_id,
     )

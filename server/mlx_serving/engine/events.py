@@ -2,41 +2,101 @@
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from .requests import ChatMessage
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
 class ModelLoaded:
+    model: str
     model_path: str
-    load_seconds: float
+    quantization: str = ""
+    parameters: int = 0
+    metadata: Metadata = ()
 
 
 @dataclass(frozen=True)
 class ModelUnloaded:
+    model: str
     reason: str = ""
+    metadata: Metadata = ()
+
+
+@dataclass(frozen=True)
+class ModelInvalidated:
+    model: str
+    reason: str
+    metadata: Metadata = ()
 
 
 @dataclass(frozen=True)
 class GenerationStarted:
-    prompt_tokens: int
-    max_tokens: int
+    """The prompt as the request gave it: exactly one of text, messages, token_ids."""
+
+    model: str
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    add_generation_prompt: bool = True
+    token_ids: tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    metadata: Metadata = ()
+
+
+@dataclass(frozen=True)
+class TokenGenerated:
+    """One per token, for subscribers that ask; an empty end_of_sequence one closes a stream."""
+
+    model: str
+    token: str
+    token_id: int = 0
+    logprob: float | None = None
+    end_of_sequence: bool = False
+    metadata: Metadata = ()
 
 
 @dataclass(frozen=True)
 class GenerationCompleted:
+    model: str
     tokens_generated: int
     duration_seconds: float
-    tokens_per_second: float
-    finish_reason: str
+    throughput: float | None = None
+    finish_reason: str = ""
+    metadata: Metadata = ()
 
 
 @dataclass(frozen=True)
 class ErrorOccurred:
-    message: str
+    error: str
     code: str = ""
+    model: str = ""
+    metadata: Metadata = ()
 
 
-Payload = ModelLoaded | ModelUnloaded | GenerationStarted | GenerationCompleted | ErrorOccurred
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """status is one of "ready", "busy", "error", "shutdown"."""
+
+    status: str
+    models_loaded: int
+    active_tasks: int = 0
+    metadata: Metadata = ()
+
+
+Payload = (
+    ModelLoaded
+    | ModelUnloaded
+    | ModelInvalidated
+    | GenerationStarted
+    | TokenGenerated
+    | GenerationCompleted
+    | ErrorOccurred
+    | RuntimeStatus
+)
 
 
 @dataclass(frozen=True)
@@ -51,47 +111,76 @@ DEFAULT_SUBSCRIBER_BUFFER = 1024
 
 
 class Subscription:
-    """One subscriber's bounded buffer; when full, new events are dropped and counted."""
+    """One subscriber's bounded buffer; when full, new events are dropped and counted.
+
+    `kinds` None means every kind but TokenGenerated, which is only sent to those who list it.
+    """
 
     def __init__(self, kinds: frozenset[type] | None, model_ids: frozenset[str] | None, size: int):
         self.kinds = kinds
         self.model_ids = model_ids
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(size)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(size)
         self.dropped = 0
 
+    @property
+    def wants_tokens(self) -> bool:
+        return self.kinds is not None and TokenGenerated in self.kinds
+
     def wants(self, event: Event) -> bool:
-        if self.kinds and type(event.payload) not in self.kinds:
+        kind = type(event.payload)
+        if self.kinds is None and kind is TokenGenerated:
+            return False
+        if self.kinds is not None and kind not in self.kinds:
             return False
         return not (self.model_ids and event.model_id and event.model_id not in self.model_ids)
 
-    def offer(self, event: Event | None) -> None:
+    def offer(self, item: Any) -> None:
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.dropped += 1
 
 
 class EventBus:
-    """Lives on the event loop; the engine thread publishes through `loop.call_soon_threadsafe`."""
+    """Lives on the event loop; the engine thread publishes through `loop.call_soon_threadsafe`.
+
+    `prepare`, when set, turns an event into what subscribers receive (the server encodes and
+    validates there, once per event, whatever the number of subscribers); None drops it.
+    """
 
     def __init__(self, buffer_size: int = DEFAULT_SUBSCRIBER_BUFFER):
         self.buffer_size = buffer_size
+        self.prepare: Callable[[Event], Any] | None = None
         self._subscriptions: set[Subscription] = set()
+        # Read by the engine thread before it builds per-token events: no subscriber, no cost.
+        self.token_subscribers = 0
 
     def subscribe(
         self, kinds: frozenset[type] | None = None, model_ids: frozenset[str] | None = None
     ) -> Subscription:
         subscription = Subscription(kinds, model_ids, self.buffer_size)
         self._subscriptions.add(subscription)
+        self.token_subscribers += subscription.wants_tokens
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+        if subscription in self._subscriptions:
+            self._subscriptions.discard(subscription)
+            self.token_subscribers -= subscription.wants_tokens
 
     def publish(self, event: Event) -> None:
-        for subscription in self._subscriptions:
-            if subscription.wants(event):
-                subscription.offer(event)
+        wanting = [s for s in self._subscriptions if s.wants(event)]
+        if not wanting:
+            return
+        item = self.prepare(event) if self.prepare is not None else event
+        if item is None:
+            return
+        for subscription in wanting:
+            subscription.offer(item)
+
+    def publish_all(self, events: list[Event]) -> None:
+        for event in events:
+            self.publish(event)
 
     def close(self) -> None:
         """Ends every subscription's stream with a None sentinel, making room for it if needed."""

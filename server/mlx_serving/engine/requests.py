@@ -55,6 +55,8 @@ class GenerationRequest:
     # Keep the matched stop string (or stop token's text) at the end of the output.
     include_stop: bool = False
     request_id: str = ""
+    # Caller's labels, echoed in this request's events.
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class FinishReason(enum.Enum):
@@ -71,6 +73,8 @@ class Usage:
     completion_tokens: int
     # Prompt tokens whose KV cache came from the prefix cache instead of being computed.
     cached_prompt_tokens: int
+    # Admission to the start of prefill: time spent waiting for a batch slot.
+    queue_time: float
     time_to_first_token: float
     tokens_per_second: float
     total_time: float

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.models import ModelSource
+from mlx_serving.engine.observer import EngineObserver
 from mlx_serving.v1 import (
     events_service_pb2,
     events_service_pb2_grpc,
@@ -28,6 +29,7 @@ from mlx_serving.v1 import (
 from .interceptor import ContractInterceptor
 from .reflection import enable_reflection
 from .services import EventsService, GenerateService, ModelService, TokenizeService
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +75,31 @@ SERVICE_NAMES = tuple(
 
 
 class ServingApp:
-    """Owns the engine's life cycle and the gRPC server in front of it."""
+    """Owns the engine's life cycle and the gRPC server in front of it.
 
-    def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+    With `telemetry`, its interceptors go ahead of ContractInterceptor (so spans and RPC counts
+    see validation and the final status) and its observer goes into the engine.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        telemetry: Telemetry | None = None,
+    ):
         self.engine = engine
         self.host = host
         self.requested_port = port
         self.port = 0
+        self.telemetry = telemetry
+        interceptors = [ContractInterceptor()]
+        if telemetry is not None:
+            install_observer(engine, telemetry.observer)
+            interceptors[:0] = telemetry.interceptors
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[ContractInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
                 # Linux gRPC sets SO_REUSEPORT: a second server would share the port silently.
@@ -103,6 +120,18 @@ class ServingApp:
         """HOST:PORT as bound (the real port when asked for port 0)."""
         return host_port(self.host, self.port)
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound Prometheus port once started; None when metrics are off."""
+        return self.telemetry.prometheus_port if self.telemetry else None
+
+    @property
+    def metrics_address(self) -> str:
+        """HOST:PORT serving /metrics once started; "" when metrics are off."""
+        if self.metrics_port is None:
+            return ""
+        return host_port(self.telemetry.prometheus_host, self.metrics_port)
+
     async def start(self, models: Iterable[tuple[str, ModelSource]] = ()) -> int:
         """Listen, start the engine, load `models` ((id or "", source) pairs) and warm up.
 
@@ -110,6 +139,8 @@ class ServingApp:
         """
         await self._set_health(NOT_SERVING)  # the aio HealthServicer starts out SERVING
         self.port = self.server.add_insecure_port(host_port(self.host, self.requested_port))
+        if self.telemetry is not None:
+            self.telemetry.start()
         await self.engine.start()
         await self.server.start()
         for model_id, source in models:
@@ -129,17 +160,29 @@ class ServingApp:
         await self.server.stop(STREAM_FLUSH_SECONDS)
         if self._watcher is not None:
             await self._watcher
+        if self.telemetry is not None:
+            # Stopping the metrics HTTP server and flushing spans block briefly.
+            await asyncio.to_thread(self.telemetry.shutdown)
 
     async def _watch_engine(self) -> None:
         await self.engine.wait_stopped()
         if self._stopping:
             return
         log.error("the engine thread stopped: health is NOT_SERVING")
+        if self.telemetry is not None:
+            self.telemetry.engine_stopped()
         await self._set_health(NOT_SERVING)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+
+
+def install_observer(engine: Engine, observer: EngineObserver) -> None:
+    """Give the (not yet started) engine the telemetry's observer, never replacing another."""
+    if engine.observer is not observer and type(engine.observer) is not EngineObserver:
+        raise ValueError("the engine already has an observer of its own")
+    engine.observer = observer
 
 
 def host_port(host: str, port: int) -> str:

@@ -1,27 +1,47 @@
-"""`mlx-serving serve`: run the gRPC server until SIGTERM or SIGINT.
+"""`mlx-serving serve` runs the gRPC server until SIGTERM or SIGINT; `mlx-serving config print`
+shows the configuration it would run with, and `mlx-serving config check FILE` checks a file.
 
-The host defaults to 127.0.0.1: the server has no authentication, so listening on every
-interface (`--host 0.0.0.0`) must be asked for. Exit status: 0 after a graceful shutdown,
-1 if startup failed or the engine thread died, 2 for bad arguments.
+The configuration (docs/CONFIG.md) is the defaults, then the file of --config (or of
+$MLX_SERVING_CONFIG), then MLX_SERVING_* variables, then flags. The host defaults to 127.0.0.1:
+the server has no authentication, so listening on every interface (`--host 0.0.0.0`) must be
+asked for. Exit status: 0 after a graceful shutdown, 1 if startup failed or the engine thread
+died, 2 for bad arguments or a bad configuration.
 """
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import re
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import protovalidate
 
-from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.errors import EngineError
 from mlx_serving.engine.models import ModelSource
+from mlx_serving.v1 import config_pb2 as config_pb
 from mlx_serving.v1 import model_service_pb2 as model_pb
 
 from . import convert
-from .app import DEFAULT_HOST, DEFAULT_PORT, ServingApp
+from .app import ServingApp
+from .config import (
+    CONFIG_ENV,
+    FORMATS,
+    ConfigError,
+    default_config,
+    engine_config,
+    load_config,
+    parse_override,
+    preload_models,
+    render,
+    to_dict,
+)
 from .interceptor import describe
 
 log = logging.getLogger("mlx_serving.server")
@@ -29,7 +49,22 @@ log = logging.getLogger("mlx_serving.server")
 HF_PREFIX = "hf:"
 # What may stand before "=" in ID=SOURCE; LoadModelRequest's own rule then checks it fully.
 MODEL_ID_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# (flag, config key it overrides, help)
+OVERRIDES = (
+    ("--host", "server.host", "interface to listen on"),
+    ("--port", "server.port", "0 picks a free port"),
+    ("--log-level", "server.log_level", "debug, info, warning or error"),
+    ("--shutdown-grace", "server.shutdown_grace_seconds", "seconds of grace after SIGTERM"),
+    ("--max-batch-size", "engine.max_batch_size", "most sequences decoded together per model"),
+    ("--max-queued-requests", "engine.max_queued_requests", "requests that may wait for a slot"),
+    ("--prefill-batch-size", "engine.prefill_batch_size", "most prompts prefilled together"),
+    ("--prefill-step-size", "engine.prefill_step_size", "prompt tokens per prefill step"),
+    ("--prefix-cache-bytes", "engine.prefix_cache_bytes", "KV-cache bytes kept for prefix reuse"),
+    ("--prometheus-port", "telemetry.prometheus_port", "port of the Prometheus endpoint"),
+    ("--otlp-endpoint", "telemetry.otlp_endpoint", "OTLP/gRPC endpoint for traces; empty: none"),
+)
+TELEMETRY_SWITCH = ("--telemetry", "telemetry.enabled", "turn metrics and traces on or off")
 
 
 def parse_model_spec(spec: str) -> tuple[str, ModelSource]:
@@ -53,46 +88,145 @@ def parse_model_spec(spec: str) -> tuple[str, ModelSource]:
     return model_id, convert.model_source(source)
 
 
-def port_number(text: str) -> int:
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is not in 0..65535 (0 picks a free port)")
-    return port
+def model_entry(model_id: str, source: ModelSource) -> dict:
+    """A parsed --model as an entry of the config's `models` list."""
+    return {"model_id": model_id, "source": to_dict(convert.model_source_pb(source))}
 
 
-def grace_seconds(text: str) -> float:
-    seconds = float(text)
-    if not 0 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"shutdown grace {seconds} is not in 0..3600 seconds")
-    return seconds
+def flag_value(key: str) -> Callable[[str], Any]:
+    """An argparse type: the flag's text as config key `key`, checked by the key's own rules."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_override(key, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-serving", description="Serve MLX models over gRPC.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC server")
-    serve.add_argument("--host", default=DEFAULT_HOST, help="interface to listen on (%(default)s)")
-    serve.add_argument(
-        "--port", type=port_number, default=DEFAULT_PORT, help="0 picks a free port (%(default)s)"
+def record(namespace: argparse.Namespace, key: str, value: Any) -> None:
+    """Notes a flag that was given: only those override the file and the environment."""
+    namespace.overrides = {**namespace.overrides, key: value}
+
+
+class Override(argparse.Action):
+    """Stores the value like "store", and records it as an override of config key `key`."""
+
+    def __init__(self, option_strings, dest, key: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        record(namespace, self.key, values)
+
+
+class SwitchOverride(argparse.BooleanOptionalAction):
+    """--NAME / --no-NAME, recorded as an override of config key `key`."""
+
+    def __init__(self, option_strings, dest, key: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        record(namespace, self.key, getattr(namespace, self.dest))
+
+
+def default_of(key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(default_config(), section), name)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--config, one flag per overridable key, and --model; shared by `serve` and `config print`."""
+    parser.set_defaults(overrides={})
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"a YAML or TOML config file (default: ${CONFIG_ENV}, if set)",
     )
-    serve.add_argument(
+    for flag, key, text in OVERRIDES:
+        default = default_of(key)
+        parser.add_argument(
+            flag,
+            action=Override,
+            key=key,
+            type=flag_value(key),
+            default=default,
+            metavar=key.rpartition(".")[2].upper(),
+            help=f"{text} [{key}, default {json.dumps(default)}]",
+        )
+    flag, key, text = TELEMETRY_SWITCH
+    parser.add_argument(flag, action=SwitchOverride, key=key, help=f"{text} [{key}]")
+    parser.add_argument(
         "--model",
         dest="models",
         action="append",
         type=parse_model_spec,
         default=[],
         metavar="[ID=]PATH|[ID=]hf:ORG/NAME[@REV]",
-        help="a model to load at startup (repeatable); none loads the built-in tiny test model",
+        help="a model to load at startup (repeatable; replaces the configured models); "
+        "none anywhere loads the built-in tiny test model",
     )
-    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    serve.add_argument(
-        "--shutdown-grace",
-        type=grace_seconds,
-        default=EngineConfig().shutdown_grace_seconds,
-        metavar="SECONDS",
-        help="how long in-flight generations may run on after SIGTERM (%(default)s)",
-    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-serving", description="Serve MLX models over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    add_config_flags(serve)
+    serve.set_defaults(run=run_serve)
+    config = commands.add_parser("config", help="print or check the configuration")
+    actions = config.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("print", help="print the effective configuration")
+    add_config_flags(show)
+    show.add_argument("--format", choices=FORMATS, default=FORMATS[0])
+    show.set_defaults(run=run_print)
+    check = actions.add_parser("check", help="check a config file (alone): ok, or every error")
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.set_defaults(run=run_check)
     return parser
+
+
+def effective_config(args: argparse.Namespace) -> config_pb.Config:
+    """Defaults ← the config file ← MLX_SERVING_* variables ← the flags given."""
+    path = args.config or os.environ.get(CONFIG_ENV) or None
+    return load_config(Path(path) if path else None, os.environ, overrides(args))
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The flags given, shaped like a config file; --model entries replace `models`."""
+    nested: dict[str, Any] = {}
+    for key, value in args.overrides.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = value
+    if args.models:
+        nested["models"] = [model_entry(model_id, source) for model_id, source in args.models]
+    return nested
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = effective_config(args)
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(serve(config))
+
+
+def run_print(args: argparse.Namespace) -> int:
+    print(render(effective_config(args), args.format), end="")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    load_config(args.file)
+    print("ok")
+    return 0
 
 
 def default_models() -> list[tuple[str, ModelSource]]:
@@ -102,15 +236,21 @@ def default_models() -> list[tuple[str, ModelSource]]:
     return [(DEFAULT_MODEL_NAME, ModelSource(local_path=str(default_model_path())))]
 
 
-async def serve(args: argparse.Namespace) -> int:
-    engine = Engine(EngineConfig(shutdown_grace_seconds=args.shutdown_grace))
-    app = ServingApp(engine, args.host, args.port)
+def make_app(config: config_pb.Config) -> ServingApp:
+    """The engine and the server that `config` describes (call it inside the event loop)."""
+    return ServingApp(Engine(engine_config(config)), config.server.host, config.server.port)
+
+
+async def serve(config: config_pb.Config) -> int:
+    app = make_app(config)
+    engine = app.engine
+    models = preload_models(config) or default_models()
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
     try:
-        if not await first_of(app.start(args.models or default_models()), stop_requested.wait()):
+        if not await first_of(app.start(models), stop_requested.wait()):
             await app.stop(0)
             return 0
     except (EngineError, RuntimeError) as exc:  # a model that fails to load, a port in use
@@ -120,7 +260,7 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"mlx-serving listening on {app.address}", flush=True)
     requested = await first_of(stop_requested.wait(), engine.wait_stopped())
     log.info("shutting down" if requested else "the engine stopped; shutting down")
-    await app.stop(args.shutdown_grace)
+    await app.stop(config.server.shutdown_grace_seconds)
     return 0 if requested else 1
 
 
@@ -139,12 +279,11 @@ async def first_of(main, other) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return asyncio.run(serve(args))
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -52,18 +52,19 @@ MODEL_STATES = {
 EVENT_TYPES: dict[int, type] = {
     events_pb.EVENT_TYPE_MODEL_LOADED: events.ModelLoaded,
     events_pb.EVENT_TYPE_MODEL_UNLOADED: events.ModelUnloaded,
+    events_pb.EVENT_TYPE_MODEL_INVALIDATED: events.ModelInvalidated,
     events_pb.EVENT_TYPE_GENERATION_STARTED: events.GenerationStarted,
+    events_pb.EVENT_TYPE_TOKEN_GENERATED: events.TokenGenerated,
     events_pb.EVENT_TYPE_GENERATION_COMPLETED: events.GenerationCompleted,
     events_pb.EVENT_TYPE_ERROR: events.ErrorOccurred,
+    events_pb.EVENT_TYPE_RUNTIME_STATUS: events.RuntimeStatus,
 }
 
-# Payload type → (Event's oneof field, its message type).
-PAYLOADS: dict[type, tuple[str, type]] = {
-    events.ModelLoaded: ("model_loaded", events_pb.ModelLoaded),
-    events.ModelUnloaded: ("model_unloaded", events_pb.ModelUnloaded),
-    events.GenerationStarted: ("generation_started", events_pb.GenerationStarted),
-    events.GenerationCompleted: ("generation_completed", events_pb.GenerationCompleted),
-    events.ErrorOccurred: ("error", events_pb.Error),
+RUNTIME_STATES = {
+    "ready": events_pb.RUNTIME_STATE_READY,
+    "busy": events_pb.RUNTIME_STATE_BUSY,
+    "error": events_pb.RUNTIME_STATE_ERROR,
+    "shutdown": events_pb.RUNTIME_STATE_SHUTDOWN,
 }
 
 
@@ -107,6 +108,7 @@ def generation_request(request: generate_pb.GenerateRequest, request_id: str) ->
         ignore_eos=request.ignore_eos,
         include_stop=request.include_stop,
         request_id=request_id,
+        metadata=tuple(sorted(request.metadata.items())),
         **options,
     )
 
@@ -136,6 +138,7 @@ def usage(used: Usage) -> generate_pb.Usage:
         prompt_tokens=used.prompt_tokens,
         completion_tokens=used.completion_tokens,
         cached_prompt_tokens=used.cached_prompt_tokens,
+        queue_time=duration(used.queue_time),
         time_to_first_token=duration(used.time_to_first_token),
         tokens_per_second=used.tokens_per_second,
         total_time=duration(used.total_time),
@@ -195,12 +198,68 @@ def event_filter(
 
 
 def event_pb(event: events.Event) -> events_pb.Event:
-    # The payload dataclasses name their fields as the contract's messages do.
-    field, message_type = PAYLOADS[type(event.payload)]
-    payload = message_type(**dataclasses.asdict(event.payload))
+    field, payload = event_payload_pb(event.payload)
     return events_pb.Event(
-        time=timestamp(event.time),
-        request_id=event.request_id,
-        model_id=event.model_id,
-        **{field: payload},
+        time=timestamp(event.time), request_id=event.request_id, **{field: payload}
+    )
+
+
+def event_payload_pb(payload: events.Payload) -> tuple[str, object]:
+    """(the Event oneof field, its message) for one engine event payload."""
+    metadata = dict(payload.metadata)
+    match payload:
+        case events.ModelLoaded():
+            fields = dataclasses.asdict(payload) | {"metadata": metadata}
+            return "model_loaded", events_pb.ModelLoaded(**fields)
+        case events.ModelUnloaded():
+            fields = dataclasses.asdict(payload) | {"metadata": metadata}
+            return "model_unloaded", events_pb.ModelUnloaded(**fields)
+        case events.ModelInvalidated():
+            fields = dataclasses.asdict(payload) | {"metadata": metadata}
+            return "model_invalidated", events_pb.ModelInvalidated(**fields)
+        case events.GenerationStarted():
+            return "generation_started", generation_started_pb(payload)
+        case events.TokenGenerated():
+            fields = dataclasses.asdict(payload) | {"metadata": metadata}
+            return "token_generated", events_pb.TokenGenerated(**fields)
+        case events.GenerationCompleted():
+            return "generation_completed", events_pb.GenerationCompleted(
+                model=payload.model,
+                tokens_generated=payload.tokens_generated,
+                duration=duration(payload.duration_seconds),
+                throughput=payload.throughput,
+                finish_reason=payload.finish_reason,
+                metadata=metadata,
+            )
+        case events.ErrorOccurred():
+            fields = dataclasses.asdict(payload) | {"metadata": metadata}
+            return "error", events_pb.Error(**fields)
+        case events.RuntimeStatus():
+            return "runtime_status", events_pb.RuntimeStatus(
+                status=RUNTIME_STATES[payload.status],
+                models_loaded=payload.models_loaded,
+                active_tasks=payload.active_tasks,
+                metadata=metadata,
+            )
+    raise TypeError(f"no message for {type(payload).__name__}")
+
+
+def generation_started_pb(payload: events.GenerationStarted) -> events_pb.GenerationStarted:
+    prompt: dict[str, object] = {}
+    if payload.text is not None:
+        prompt["text"] = payload.text
+    elif payload.messages is not None:
+        messages = [
+            generate_pb.ChatMessage(role=m.role, content=m.content) for m in payload.messages
+        ]
+        prompt["chat"] = generate_pb.ChatPrompt(
+            messages=messages, add_generation_prompt=payload.add_generation_prompt
+        )
+    else:
+        prompt["tokens"] = generate_pb.TokenIds(ids=payload.token_ids)
+    return events_pb.GenerationStarted(
+        model=payload.model,
+        max_tokens=payload.max_tokens,
+        metadata=dict(payload.metadata),
+        **prompt,
     )

@@ -5,6 +5,10 @@ Streams are written with `context.write` from coroutines, so a client cancel or 
 deadline lands inside the handler, where `finally` closes the engine's stream at once.
 """
 
+import logging
+
+import protovalidate
+
 from mlx_serving.engine.engine import Engine
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import events_service_pb2_grpc as events_grpc
@@ -15,8 +19,10 @@ from mlx_serving.v1 import model_service_pb2_grpc as model_grpc
 from mlx_serving.v1 import tokenize_service_pb2 as tokenize_pb
 from mlx_serving.v1 import tokenize_service_pb2_grpc as tokenize_grpc
 
-from . import convert
-from .interceptor import current_request_id
+from . import convert, tracing
+from .interceptor import current_request_id, describe
+
+log = logging.getLogger(__name__)
 
 
 class ModelService(model_grpc.ModelServiceServicer):
@@ -50,6 +56,10 @@ class GenerateService(generate_grpc.GenerateServiceServicer):
         chunks = self._engine.generate(convert.generation_request(request, request_id))
         try:
             async for chunk in chunks:
+                if chunk.usage is not None:  # the last chunk: the engine's phases, as spans
+                    tracing.record_generation(
+                        request.model_id, chunk.finish_reason, chunk.usage, request_id
+                    )
                 await context.write(convert.generate_response(chunk, request_id))
         finally:
             await chunks.aclose()
@@ -73,14 +83,29 @@ class TokenizeService(tokenize_grpc.TokenizeServiceServicer):
 
 
 class EventsService(events_grpc.EventsServiceServicer):
+    """Encodes and validates each engine event once, before the bus fans it out."""
+
     def __init__(self, engine: Engine):
         self._engine = engine
+        self.invalid_events = 0
+        engine.events.prepare = self._encode
+
+    def _encode(self, event) -> events_pb.Event | None:
+        """An event breaking the contract's rules is a bug: logged, counted, never sent."""
+        message = convert.event_pb(event)
+        if violations := protovalidate.collect_violations(message):
+            self.invalid_events += 1
+            problems = "; ".join(": ".join(describe(v)) for v in violations)
+            log.error("dropped an invalid %s event: %s", message.WhichOneof("payload"), problems)
+            return None
+        return message
 
     async def Subscribe(self, request: events_pb.SubscribeRequest, context) -> None:
         kinds, model_ids = convert.event_filter(request)
         events = self._engine.subscribe(kinds, model_ids)
         try:
             async for event in events:
-                await context.write(events_pb.SubscribeResponse(event=convert.event_pb(event)))
+                response = events_pb.SubscribeResponse(event=event, dropped_events=events.dropped)
+                await context.write(response)
         finally:
             await events.aclose()

@@ -48,6 +48,8 @@ class EventsServiceServicer:
 
     def Subscribe(self, request, context):
         """Subscribe streams events from now on until the client cancels or the server stops.
+        A subscriber that falls behind loses events rather than slowing the engine; each
+        response says how many this subscriber has lost so far.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\"\xda\x07\n\x0fGenerateRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1c\n\x04text\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x10\x01(\x80\x80\x80\x02H\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.mlx_serving.v1.ChatPromptH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.mlx_serving.v1.TokenIdsH\x00\x12$\n\nmax_tokens\x18\x05 \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x08(\x01H\x01\x88\x01\x01\x12)\n\x0btemperature\x18\x06 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\x00H\x02\x88\x01\x01\x12#\n\x05top_p\x18\x07 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?%\x00\x00\x00\x00H\x03\x88\x01\x01\x12\x1d\n\x05top_k\x18\x08 \x01(\rB\t\xbaH\x06*\x04\x18\xa0\x8d\x06H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12#\n\x05min_p\x18\n \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?-\x00\x00\x00\x00H\x06\x88\x01\x01\x12\x30\n\x12repetition_penalty\x18\x0b \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00 A%\x00\x00\x00\x00H\x07\x88\x01\x01\x12.\n\x10presence_penalty\x18\x0c \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\x08\x88\x01\x01\x12/\n\x11\x66requency_penalty\x18\r \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\t\x88\x01\x01\x12(\n\x0fpenalty_context\x18\x0e \x01(\rB\n\xbaH\x07*\x05\x18\x80 (\x01H\n\x88\x01\x01\x12[\n\nlogit_bias\x18\x0f \x03(\x0b\x32..mlx_serving.v1.GenerateRequest.LogitBiasEntryB\x17\xbaH\x14\x9a\x01\x11\x10\x80\x08*\x0c\n\n\x1d\x00\x00\xc8\x42-\x00\x00\xc8\xc2\x12!\n\x04stop\x18\x10 \x03(\tB\x13\xbaH\x10\x92\x01\r\x10\x10\x18\x01\"\x07r\x05\x10\x01\x18\x80\x02\x12 \n\x0estop_token_ids\x18\x11 \x03(\rB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x14\n\x0cinclude_stop\x18\x13 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0f\n\x06prompt\x12\x05\xbaH\x02\x08\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_penalty_context\"\x86\x01\n\nChatPrompt\x12:\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.mlx_serving.v1.ChatMessageB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80 \x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"C\n\x0b\x43hatMessage\x12\x17\n\x04role\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1b\n\x07\x63ontent\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\"%\n\x08TokenIds\x12\x19\n\x03ids\x18\x01 \x03(\rB\x0c\xbaH\t\x92\x01\x06\x08\x01\x10\x80\x80@\"\xd9\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.mlx_serving.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.mlx_serving.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t*\xce\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x32\x62\n\x0fGenerateService\x12O\n\x08Generate\x12\x1f.mlx_serving.v1.GenerateRequest\x1a .mlx_serving.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\"\xe5\x08\n\x0fGenerateRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1c\n\x04text\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x10\x01(\x80\x80\x80\x02H\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.mlx_serving.v1.ChatPromptH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.mlx_serving.v1.TokenIdsH\x00\x12$\n\nmax_tokens\x18\x05 \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x08(\x01H\x01\x88\x01\x01\x12)\n\x0btemperature\x18\x06 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\x00H\x02\x88\x01\x01\x12#\n\x05top_p\x18\x07 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?%\x00\x00\x00\x00H\x03\x88\x01\x01\x12\x1d\n\x05top_k\x18\x08 \x01(\rB\t\xbaH\x06*\x04\x18\xa0\x8d\x06H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12#\n\x05min_p\x18\n \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?-\x00\x00\x00\x00H\x06\x88\x01\x01\x12\x30\n\x12repetition_penalty\x18\x0b \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00 A%\x00\x00\x00\x00H\x07\x88\x01\x01\x12.\n\x10presence_penalty\x18\x0c \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\x08\x88\x01\x01\x12/\n\x11\x66requency_penalty\x18\r \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\t\x88\x01\x01\x12(\n\x0fpenalty_context\x18\x0e \x01(\rB\n\xbaH\x07*\x05\x18\x80 (\x01H\n\x88\x01\x01\x12[\n\nlogit_bias\x18\x0f \x03(\x0b\x32..mlx_serving.v1.GenerateRequest.LogitBiasEntryB\x17\xbaH\x14\x9a\x01\x11\x10\x80\x08*\x0c\n\n\x1d\x00\x00\xc8\x42-\x00\x00\xc8\xc2\x12!\n\x04stop\x18\x10 \x03(\tB\x13\xbaH\x10\x92\x01\r\x10\x10\x18\x01\"\x07r\x05\x10\x01\x18\x80\x02\x12 \n\x0estop_token_ids\x18\x11 \x03(\rB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x14\n\x0cinclude_stop\x18\x13 \x01(\x08\x12X\n\x08metadata\x18\x14 \x03(\x0b\x32-.mlx_serving.v1.GenerateRequest.MetadataEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x02\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\x06prompt\x12\x05\xbaH\x02\x08\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_penalty_context\"\x86\x01\n\nChatPrompt\x12:\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.mlx_serving.v1.ChatMessageB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80 \x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"C\n\x0b\x43hatMessage\x12\x17\n\x04role\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1b\n\x07\x63ontent\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\"%\n\x08TokenIds\x12\x19\n\x03ids\x18\x01 \x03(\rB\x0c\xbaH\t\x92\x01\x06\x08\x01\x10\x80\x80@\"\x88\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\x12-\n\nqueue_time\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.mlx_serving.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.mlx_serving.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t*\xce\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x32\x62\n\x0fGenerateService\x12O\n\x08Generate\x12\x1f.mlx_serving.v1.GenerateRequest\x1a .mlx_serving.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_GENERATEREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST'].oneofs_by_name['prompt']._loaded_options = None
   _globals['_GENERATEREQUEST'].oneofs_by_name['prompt']._serialized_options = b'\272H\002\010\001'
   _globals['_GENERATEREQUEST'].fields_by_name['model_id']._loaded_options = None
@@ -65,6 +67,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST'].fields_by_name['stop']._serialized_options = b'\272H\020\222\001\r\020\020\030\001\"\007r\005\020\001\030\200\002'
   _globals['_GENERATEREQUEST'].fields_by_name['stop_token_ids']._loaded_options = None
   _globals['_GENERATEREQUEST'].fields_by_name['stop_token_ids']._serialized_options = b'\272H\005\222\001\002\020@'
+  _globals['_GENERATEREQUEST'].fields_by_name['metadata']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['metadata']._serialized_options = b'\272H\024\232\001\021\020 \"\006r\004\020\001\030@*\005r\003\030\200\002'
   _globals['_CHATPROMPT'].fields_by_name['messages']._loaded_options = None
   _globals['_CHATPROMPT'].fields_by_name['messages']._serialized_options = b'\272H\010\222\001\005\010\001\020\200 '
   _globals['_CHATMESSAGE'].fields_by_name['role']._loaded_options = None
@@ -73,22 +77,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE'].fields_by_name['content']._serialized_options = b'\272H\007r\005(\200\200\200\002'
   _globals['_TOKENIDS'].fields_by_name['ids']._loaded_options = None
   _globals['_TOKENIDS'].fields_by_name['ids']._serialized_options = b'\272H\t\222\001\006\010\001\020\200\200@'
-  _globals['_FINISHREASON']._serialized_start=1760
-  _globals['_FINISHREASON']._serialized_end=1966
+  _globals['_FINISHREASON']._serialized_start=1946
+  _globals['_FINISHREASON']._serialized_end=2152
   _globals['_GENERATEREQUEST']._serialized_start=119
-  _globals['_GENERATEREQUEST']._serialized_end=1105
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=884
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=932
-  _globals['_CHATPROMPT']._serialized_start=1108
-  _globals['_CHATPROMPT']._serialized_end=1242
-  _globals['_CHATMESSAGE']._serialized_start=1244
-  _globals['_CHATMESSAGE']._serialized_end=1311
-  _globals['_TOKENIDS']._serialized_start=1313
-  _globals['_TOKENIDS']._serialized_end=1350
-  _globals['_USAGE']._serialized_start=1353
-  _globals['_USAGE']._serialized_end=1570
-  _globals['_GENERATERESPONSE']._serialized_start=1573
-  _globals['_GENERATERESPONSE']._serialized_end=1757
-  _globals['_GENERATESERVICE']._serialized_start=1968
-  _globals['_GENERATESERVICE']._serialized_end=2066
+  _globals['_GENERATEREQUEST']._serialized_end=1244
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=974
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1022
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=1024
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=1071
+  _globals['_CHATPROMPT']._serialized_start=1247
+  _globals['_CHATPROMPT']._serialized_end=1381
+  _globals['_CHATMESSAGE']._serialized_start=1383
+  _globals['_CHATMESSAGE']._serialized_end=1450
+  _globals['_TOKENIDS']._serialized_start=1452
+  _globals['_TOKENIDS']._serialized_end=1489
+  _globals['_USAGE']._serialized_start=1492
+  _globals['_USAGE']._serialized_end=1756
+  _globals['_GENERATERESPONSE']._serialized_start=1759
+  _globals['_GENERATERESPONSE']._serialized_end=1943
+  _globals['_GENERATESERVICE']._serialized_start=2154
+  _globals['_GENERATESERVICE']._serialized_end=2252
 # @@protoc_insertion_point(module_scope)

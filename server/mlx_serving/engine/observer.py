@@ -1,0 +1,46 @@
+"""Hooks for metrics: the engine thread calls them at the moments that matter.
+
+The engine knows nothing of Prometheus or OpenTelemetry; the server passes an observer that
+records what it wants. Every hook runs on the engine thread, inside the decode loop: keep it
+cheap, non-blocking and thread-safe.
+"""
+
+
+class EngineObserver:
+    """Does nothing; subclass and override what you record."""
+
+    def request_queued(self, model_id: str) -> None:
+        """A request was admitted and waits for prefill."""
+
+    def request_started(self, model_id: str, queue_seconds: float) -> None:
+        """A request's prefill began, `queue_seconds` after admission."""
+
+    def first_token(self, model_id: str, seconds: float) -> None:
+        """A request produced its first token, `seconds` after admission."""
+
+    def tokens(self, model_id: str, count: int, seconds_since_previous: float) -> None:
+        """A request produced `count` more tokens (inter-token latency when count is 1)."""
+
+    def request_finished(
+        self,
+        model_id: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int,
+        seconds: float,
+        started: bool,
+    ) -> None:
+        """A request left the engine, for any reason; `started`: its prefill had begun."""
+
+    def step(self, model_id: str, batch_size: int, seconds: float) -> None:
+        """One batch step of one model: `batch_size` sequences decoding, taking `seconds`."""
+
+    def prefix_cache_lookup(self, hit: bool) -> None:
+        """A request's prompt was looked up in the prefix cache."""
+
+    def prefix_cache_size(self, nbytes: int) -> None:
+        """The prefix cache's size changed."""
+
+    def models_loaded(self, count: int) -> None:
+        """The number of ready models changed."""

@@ -1,0 +1,176 @@
+"""Prometheus metrics: the engine observer and the per-RPC counts, in one registry per server.
+
+Every name starts with `mlx_serving_`; engine metrics carry a `model` label. The engine thread
+calls the observer's hooks inside its decode loop, so each hook is a few O(1) updates
+(prometheus-client metrics are thread-safe).
+"""
+
+import threading
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mlx_serving.engine.observer import EngineObserver
+
+PREFIX = "mlx_serving_"
+
+# Latencies a user waits for: 1 ms to a minute.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# One token or one batch step: sub-millisecond to seconds.
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+# A whole generation or RPC: up to ten minutes.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric of one server, registered in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        model = ("model",)
+
+        def counter(name: str, doc: str, labels=model) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=self.registry)
+
+        def gauge(name: str, doc: str, labels=model) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets, labels=model) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, registry=self.registry, buckets=buckets)
+
+        self.rpc_requests = counter(
+            "rpc_requests", "RPCs ended, by method and final status code.", ("method", "code")
+        )
+        self.rpc_duration = histogram(
+            "rpc_duration_seconds", "RPC handling time.", DURATION_BUCKETS, ("method",)
+        )
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Admission to first token.", LATENCY_BUCKETS
+        )
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between two tokens of a request.", STEP_BUCKETS
+        )
+        self.request_duration = histogram(
+            "request_duration_seconds", "Admission to the end of a generation.", DURATION_BUCKETS
+        )
+        self.queue_wait = histogram(
+            "queue_wait_seconds", "Admission to the start of prefill.", LATENCY_BUCKETS
+        )
+        self.queue_depth = gauge("queue_depth", "Generations admitted, not yet in prefill.")
+        self.active_sequences = gauge("active_sequences", "Generations in prefill or decoding.")
+        self.batch_size = histogram(
+            "batch_size", "Sequences decoding in one batch step.", BATCH_BUCKETS
+        )
+        self.engine_step = histogram(
+            "engine_step_seconds", "Duration of one batch step.", STEP_BUCKETS
+        )
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of ended generations.")
+        self.generated_tokens = counter("generated_tokens", "Tokens generated.")
+        self.cached_prompt_tokens = counter(
+            "cached_prompt_tokens", "Prompt tokens whose KV cache came from the prefix cache."
+        )
+        self.requests_finished = counter(
+            "requests_finished", "Generations ended, by reason.", ("model", "finish_reason")
+        )
+        self.prefix_cache_bytes = gauge("prefix_cache_bytes", "Prefix cache size.", ())
+        self.prefix_cache_lookups = counter(
+            "prefix_cache_lookups", "Prompts looked up in the prefix cache.", ("result",)
+        )
+        self.models_loaded = gauge("models_loaded", "Models loaded and ready.", ())
+
+    def record_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.rpc_requests.labels(method, code.name).inc()
+        self.rpc_duration.labels(method).observe(seconds)
+
+
+@dataclass
+class Occupancy:
+    """One model's generations in the engine: `admitted` (queued or running) and `running`."""
+
+    admitted: int = 0
+    running: int = 0
+
+    @property
+    def queued(self) -> int:
+        return self.admitted - self.running
+
+
+class MetricsObserver(EngineObserver):
+    """Records the engine's hooks into `metrics`; the gauges follow queued → started → finished."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self._occupancy: dict[str, Occupancy] = {}
+        # Hooks come from the engine thread; `engine_stopped` from the event loop.
+        self._lock = threading.Lock()
+
+    def request_queued(self, model_id: str) -> None:
+        with self._lock:
+            occupancy = self._occupancy.setdefault(model_id, Occupancy())
+            occupancy.admitted += 1
+            self._set_gauges(model_id, occupancy)
+
+    def request_started(self, model_id: str, queue_seconds: float) -> None:
+        self.metrics.queue_wait.labels(model_id).observe(queue_seconds)
+        with self._lock:
+            occupancy = self._occupancy.setdefault(model_id, Occupancy())
+            occupancy.running += 1
+            self._set_gauges(model_id, occupancy)
+
+    def first_token(self, model_id: str, seconds: float) -> None:
+        self.metrics.time_to_first_token.labels(model_id).observe(seconds)
+        self.metrics.generated_tokens.labels(model_id).inc()
+
+    def tokens(self, model_id: str, count: int, seconds_since_previous: float) -> None:
+        if count == 1:
+            self.metrics.inter_token_latency.labels(model_id).observe(seconds_since_previous)
+        self.metrics.generated_tokens.labels(model_id).inc(count)
+
+    def request_finished(
+        self,
+        model_id: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int,
+        seconds: float,
+        started: bool,
+    ) -> None:
+        metrics = self.metrics
+        metrics.requests_finished.labels(model_id, finish_reason).inc()
+        metrics.prompt_tokens.labels(model_id).inc(prompt_tokens)
+        metrics.cached_prompt_tokens.labels(model_id).inc(cached_tokens)
+        metrics.request_duration.labels(model_id).observe(seconds)
+        with self._lock:
+            occupancy = self._occupancy.setdefault(model_id, Occupancy())
+            occupancy.running -= started
+            occupancy.admitted -= 1
+            self._set_gauges(model_id, occupancy)
+
+    def step(self, model_id: str, batch_size: int, seconds: float) -> None:
+        self.metrics.engine_step.labels(model_id).observe(seconds)
+        if batch_size:  # a prefill-only step decodes nothing
+            self.metrics.batch_size.labels(model_id).observe(batch_size)
+
+    def prefix_cache_lookup(self, hit: bool) -> None:
+        self.metrics.prefix_cache_lookups.labels("hit" if hit else "miss").inc()
+
+    def prefix_cache_size(self, nbytes: int) -> None:
+        self.metrics.prefix_cache_bytes.set(nbytes)
+
+    def models_loaded(self, count: int) -> None:
+        self.metrics.models_loaded.set(count)
+
+    def engine_stopped(self) -> None:
+        """The engine thread died: nothing runs or waits any more, and no model serves."""
+        with self._lock:
+            for model_id, occupancy in self._occupancy.items():
+                occupancy.admitted = occupancy.running = 0
+                self._set_gauges(model_id, occupancy)
+        self.metrics.models_loaded.set(0)
+
+    def _set_gauges(self, model_id: str, occupancy: Occupancy) -> None:
+        self.metrics.queue_depth.labels(model_id).set(occupancy.queued)
+        self.metrics.active_sequences.labels(model_id).set(occupancy.running)

@@ -1,0 +1,79 @@
+from buf.validate import validate_pb2 as _validate_pb2
+from mlx_serving.v1 import model_service_pb2 as _model_service_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Config(_message.Message):
+    __slots__ = ("server", "engine", "telemetry", "models")
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    server: ServerSettings
+    engine: EngineSettings
+    telemetry: TelemetrySettings
+    models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
+    def __init__(self, server: _Optional[_Union[ServerSettings, _Mapping]] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetrySettings, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ...) -> None: ...
+
+class ServerSettings(_message.Message):
+    __slots__ = ("host", "port", "shutdown_grace_seconds", "log_level")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    shutdown_grace_seconds: float
+    log_level: str
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ...) -> None: ...
+
+class EngineSettings(_message.Message):
+    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEDGE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    max_queued_requests: int
+    prefill_batch_size: int
+    prefill_step_size: int
+    coalesce_seconds: float
+    prefix_cache_bytes: int
+    prefix_cache_entries: int
+    retry_after_seconds: float
+    wedge_timeout_seconds: float
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class TelemetrySettings(_message.Message):
+    __slots__ = ("enabled", "service_name", "prometheus_port", "export_interval_ms", "otlp_endpoint", "prometheus_host")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROMETHEUS_PORT_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    OTLP_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    PROMETHEUS_HOST_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    service_name: str
+    prometheus_port: int
+    export_interval_ms: int
+    otlp_endpoint: str
+    prometheus_host: str
+    def __init__(self, enabled: _Optional[bool] = ..., service_name: _Optional[str] = ..., prometheus_port: _Optional[int] = ..., export_interval_ms: _Optional[int] = ..., otlp_endpoint: _Optional[str] = ..., prometheus_host: _Optional[str] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("model_id", "source")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    source: _model_service_pb2.ModelSource
+    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[_model_service_pb2.ModelSource, _Mapping]] = ...) -> None: ...
