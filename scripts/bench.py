@@ -238,6 +238,7 @@ class ServerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task | None = None
         self._watch: list[tuple[re.Pattern, asyncio.Future]] = []
+        self._reported = False
 
     async def start(self) -> None:
         paths = [*SOURCE_PATHS, os.environ.get("PYTHONPATH", "")]
@@ -279,6 +280,12 @@ class ServerProcess:
     def check_alive(self) -> None:
         if self.proc.returncode is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
+
+    def report_exit(self) -> None:
+        """Say once, with its last output, that the server died mid-run (its requests fail)."""
+        if self.proc.returncode is not None and not self._reported:
+            self._reported = True
+            print(f"{self.name} exited with {self.proc.returncode}: {self.log()}", file=sys.stderr)
 
     def log(self) -> str:
         return "\n  | " + "\n  | ".join(self.tail)
@@ -382,6 +389,9 @@ class MlxServingBackend:
     def server_pid(self) -> int | None:
         return self.server.proc.pid
 
+    def report_exit(self) -> None:
+        self.server.report_exit()
+
 
 def describe_error(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
@@ -462,6 +472,9 @@ class MlxLmServerBackend:
     def server_pid(self) -> int | None:
         return self.server.proc.pid
 
+    def report_exit(self) -> None:
+        self.server.report_exit()
+
 
 async def http_get_status(host: str, port: int, path: str) -> int:
     reader, writer = await asyncio.open_connection(host, port)
@@ -527,6 +540,9 @@ class RawBackend:
 
     def server_pid(self) -> None:
         return None
+
+    def report_exit(self) -> None:
+        pass
 
     async def run_level(self, prompts, concurrency, max_tokens):
         """Runs on this thread (MLX streams are thread-local); nothing else runs meanwhile."""
@@ -609,6 +625,7 @@ async def measure(backend, prompts: list[Prompt], concurrency: int, max_tokens: 
     results, wall = await backend.run_level(prompts, concurrency, max_tokens)
     after = process_cpu_seconds(server_pid), process_cpu_seconds()
     client_cpu = cpu_delta(before[1], after[1]) if server_pid is not None else None
+    backend.report_exit()
     return Round(results, wall, cpu_delta(before[0], after[0]), client_cpu)
 
 

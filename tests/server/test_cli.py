@@ -5,8 +5,10 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -141,3 +143,24 @@ def test_a_model_that_fails_to_load_exits_1(tmp_path):
     assert done.returncode == 1
     assert done.stdout == ""
     assert "startup failed" in done.stderr and "missing" in done.stderr
+
+
+def test_serve_with_telemetry_exposes_metrics_on_its_own_port(model_path, tmp_path):
+    with socket.socket() as probe:  # a free port for Prometheus
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    log = tmp_path / "server.log"
+    args = ["--model", f"tiny={model_path}", "--telemetry", "--prometheus-port", str(metrics_port)]
+    process, address = start_server(args, log)
+    try:
+        assert process.stdout.readline().strip() == (
+            f"mlx-serving metrics on http://127.0.0.1:{metrics_port}/metrics"
+        )
+        with grpc.insecure_channel(address) as channel:
+            request = generate_pb.GenerateRequest(model_id="tiny", text="Hi", max_tokens=3)
+            list(generate_grpc.GenerateServiceStub(channel).Generate(request))
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        exposition = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'mlx_serving_generated_tokens_total{model="tiny"} 3.0' in exposition
+    finally:
+        stop_server(process, log)

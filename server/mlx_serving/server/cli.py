@@ -43,6 +43,7 @@ from .config import (
     to_dict,
 )
 from .interceptor import describe
+from .telemetry import make_telemetry
 
 log = logging.getLogger("mlx_serving.server")
 
@@ -238,7 +239,9 @@ def default_models() -> list[tuple[str, ModelSource]]:
 
 def make_app(config: config_pb.Config) -> ServingApp:
     """The engine and the server that `config` describes (call it inside the event loop)."""
-    return ServingApp(Engine(engine_config(config)), config.server.host, config.server.port)
+    telemetry = make_telemetry(config.telemetry)
+    engine = Engine(engine_config(config))
+    return ServingApp(engine, config.server.host, config.server.port, telemetry=telemetry)
 
 
 async def serve(config: config_pb.Config) -> int:
@@ -258,6 +261,8 @@ async def serve(config: config_pb.Config) -> int:
         await app.stop(0)
         return 1
     print(f"mlx-serving listening on {app.address}", flush=True)
+    if app.metrics_address:
+        print(f"mlx-serving metrics on http://{app.metrics_address}/metrics", flush=True)
     requested = await first_of(stop_requested.wait(), engine.wait_stopped())
     log.info("shutting down" if requested else "the engine stopped; shutting down")
     await app.stop(config.server.shutdown_grace_seconds)

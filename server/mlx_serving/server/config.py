@@ -26,6 +26,12 @@ from mlx_serving.v1 import config_pb2 as config_pb
 from . import convert
 from .app import DEFAULT_HOST, DEFAULT_PORT
 from .interceptor import describe
+from .telemetry import (
+    DEFAULT_EXPORT_INTERVAL_MS,
+    DEFAULT_PROMETHEUS_HOST,
+    DEFAULT_PROMETHEUS_PORT,
+    DEFAULT_SERVICE_NAME,
+)
 
 ENV_PREFIX = "MLX_SERVING_"
 # The config file's path when no --config flag is given; not a config key.
@@ -34,9 +40,6 @@ CONFIG_ENV = "MLX_SERVING_CONFIG"
 CACHE_ENV = "MLX_SERVING_CACHE"
 
 DEFAULT_LOG_LEVEL = "info"
-DEFAULT_SERVICE_NAME = "mlx-serving"
-DEFAULT_PROMETHEUS_PORT = 9464  # the OpenTelemetry Prometheus exporter's customary port
-DEFAULT_EXPORT_INTERVAL_MS = 60_000
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -104,7 +107,7 @@ def default_config() -> config_pb.Config:
             service_name=DEFAULT_SERVICE_NAME,
             prometheus_port=DEFAULT_PROMETHEUS_PORT,
             export_interval_ms=DEFAULT_EXPORT_INTERVAL_MS,
-            prometheus_host=DEFAULT_HOST,
+            prometheus_host=DEFAULT_PROMETHEUS_HOST,
         ),
     )
 
