@@ -244,7 +244,13 @@ def make_app(config: config_pb.Config) -> ServingApp:
     return ServingApp(engine, config.server.host, config.server.port, telemetry=telemetry)
 
 
+# The engine thread and the event loop share the GIL. At Python's default 5 ms switch interval
+# the engine thread waits up to that long after each step for the loop to let go of it.
+GIL_SWITCH_INTERVAL_SECONDS = 0.0005
+
+
 async def serve(config: config_pb.Config) -> int:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     app = make_app(config)
     engine = app.engine
     models = preload_models(config) or default_models()
