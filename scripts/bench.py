@@ -309,10 +309,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerBackend:
+    """A backend behind a server subprocess (`self.server`) that `generate` calls."""
+
+    server: ServerProcess
+
+    async def run_level(self, prompts, concurrency, max_tokens):
+        return await closed_loop(self.generate, prompts, concurrency, max_tokens)
+
+    def server_pid(self) -> int | None:
+        return self.server.proc.pid
+
+    def report_exit(self) -> None:
+        self.server.report_exit()
+
+
 # ---- (2) mlx-serving over gRPC -----------------------------------------------------------
 
 
-class MlxServingBackend:
+class MlxServingBackend(ServerBackend):
     """The real server as a subprocess, driven by asyncio gRPC clients on one channel."""
 
     name = MLX_SERVING
@@ -383,15 +398,6 @@ class MlxServingBackend:
             result.error = describe_error(exc)
         return result
 
-    async def run_level(self, prompts, concurrency, max_tokens):
-        return await closed_loop(self.generate, prompts, concurrency, max_tokens)
-
-    def server_pid(self) -> int | None:
-        return self.server.proc.pid
-
-    def report_exit(self) -> None:
-        self.server.report_exit()
-
 
 def describe_error(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
@@ -403,7 +409,7 @@ def describe_error(exc: BaseException) -> str:
 # ---- (3) mlx_lm.server over HTTP ---------------------------------------------------------
 
 
-class MlxLmServerBackend:
+class MlxLmServerBackend(ServerBackend):
     """mlx_lm.server with its default batching (decode 32, prefill 8), streaming completions.
 
     It takes text prompts only, so each prompt's text (which encodes back to the same ids)
@@ -465,15 +471,6 @@ class MlxLmServerBackend:
             result.tokens = usage["completion_tokens"]
             result.prompt_tokens = usage["prompt_tokens"]
         return result
-
-    async def run_level(self, prompts, concurrency, max_tokens):
-        return await closed_loop(self.generate, prompts, concurrency, max_tokens)
-
-    def server_pid(self) -> int | None:
-        return self.server.proc.pid
-
-    def report_exit(self) -> None:
-        self.server.report_exit()
 
 
 async def http_get_status(host: str, port: int, path: str) -> int:

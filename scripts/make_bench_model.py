@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from mlx_serving.engine.default_model import (  # noqa: E402
     _cache_root,
     default_model_path,
+    llama_param_shapes,
     make_default_model,
 )
 
@@ -141,7 +142,7 @@ def _init_weights(config: dict, known_ids: int, special_ids: list[int]) -> dict[
     decoding never picks them (the best of the known ids' logits is positive)."""
     dtype = DTYPES[config["torch_dtype"]]
     weights = {}
-    for name, shape in _param_shapes(config).items():
+    for name, shape in llama_param_shapes(config).items():
         weights[name] = _init_param(name, shape, dtype, config["num_hidden_layers"])
         mx.eval(weights[name])
     head = "model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"
@@ -149,33 +150,6 @@ def _init_weights(config: dict, known_ids: int, special_ids: list[int]) -> dict[
     weights[head][dead] = 0.0
     mx.eval(weights[head])
     return weights
-
-
-def _param_shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    """Checkpoint names and shapes of mlx-lm's llama (`load` checks them strictly)."""
-    hidden, inter = c["hidden_size"], c["intermediate_size"]
-    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    q_dim, kv_dim = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    layer = {
-        "input_layernorm.weight": (hidden,),
-        "self_attn.q_proj.weight": (q_dim, hidden),
-        "self_attn.k_proj.weight": (kv_dim, hidden),
-        "self_attn.v_proj.weight": (kv_dim, hidden),
-        "self_attn.o_proj.weight": (hidden, q_dim),
-        "post_attention_layernorm.weight": (hidden,),
-        "mlp.gate_proj.weight": (inter, hidden),
-        "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
-    }
-    shapes = {
-        "model.embed_tokens.weight": (c["vocab_size"], hidden),
-        "model.norm.weight": (hidden,),
-    }
-    if not c["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (c["vocab_size"], hidden)
-    for i in range(c["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
-    return shapes
 
 
 def _init_param(name: str, shape: tuple[int, ...], dtype: mx.Dtype, layers: int) -> mx.array:

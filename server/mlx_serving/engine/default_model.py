@@ -357,18 +357,21 @@ def _init_weights(special_ids: list[int]) -> dict[str, mx.array]:
     locking onto one token, and the special tokens' rows are zeroed so random
     decoding never emits EOS or chat markers by itself.
     """
-    weights = {name: _init_param(name, shape) for name, shape in _param_shapes().items()}
+    weights = {
+        name: _init_param(name, shape)
+        for name, shape in llama_param_shapes({**MODEL_CONFIG, "vocab_size": VOCAB_SIZE}).items()
+    }
     weights["lm_head.weight"][mx.array(special_ids)] = 0.0
     mx.eval(weights)
     return weights
 
 
-def _param_shapes() -> dict[str, tuple[int, ...]]:
-    """Checkpoint names and shapes of mlx-lm's llama (``load`` checks them strictly)."""
-    c = MODEL_CONFIG
-    hidden, inter, head_dim = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q_dim = c["num_attention_heads"] * head_dim
-    kv_dim = c["num_key_value_heads"] * head_dim
+def llama_param_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes of mlx-lm's llama for a config.json (``load`` checks them)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_dim = config["num_attention_heads"] * head_dim
+    kv_dim = config["num_key_value_heads"] * head_dim
     layer = {
         "input_layernorm.weight": (hidden,),
         "self_attn.q_proj.weight": (q_dim, hidden),
@@ -381,11 +384,12 @@ def _param_shapes() -> dict[str, tuple[int, ...]]:
         "mlp.down_proj.weight": (hidden, inter),
     }
     shapes = {
-        "model.embed_tokens.weight": (VOCAB_SIZE, hidden),
+        "model.embed_tokens.weight": (config["vocab_size"], hidden),
         "model.norm.weight": (hidden,),
-        "lm_head.weight": (VOCAB_SIZE, hidden),
     }
-    for i in range(c["num_hidden_layers"]):
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    for i in range(config["num_hidden_layers"]):
         shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
     return dict(sorted(shapes.items()))
 
