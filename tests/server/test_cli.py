@@ -1,21 +1,17 @@
 """`mlx-serving serve`: argument parsing, and the real process from start to SIGTERM."""
 
 import argparse
-import os
 import re
-import select
-import signal
 import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_process import STARTUP_SECONDS, child_env, start_server, stop_server
 
-import mlx_serving
 from mlx_serving.engine.default_model import DEFAULT_MODEL_NAME
 from mlx_serving.engine.models import ModelSource
 from mlx_serving.server.cli import make_parser, parse_model_spec
@@ -23,9 +19,6 @@ from mlx_serving.v1 import generate_service_pb2 as generate_pb
 from mlx_serving.v1 import generate_service_pb2_grpc as generate_grpc
 from mlx_serving.v1 import model_service_pb2 as model_pb
 from mlx_serving.v1 import model_service_pb2_grpc as model_grpc
-
-LISTENING = re.compile(r"^mlx-serving listening on (\S+:\d+)$")
-STARTUP_SECONDS = 120
 
 
 @pytest.mark.parametrize(
@@ -65,41 +58,6 @@ def test_defaults_and_bad_arguments(capsys):
             make_parser().parse_args(bad)
         assert exited.value.code == 2
     assert "hf:bad repo" in capsys.readouterr().err
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This interpreter's import path for mlx_serving (both PEP 420 portions), for the child."""
-    roots = [str(Path(p).parent) for p in mlx_serving.__path__]
-    path = os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
-def start_server(args: list[str], log: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "mlx_serving.server.cli", "serve", "--port", "0", *args]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=log.open("w"),
-        text=True,
-        env=child_env(**env),
-    )
-    ready, _, _ = select.select([process.stdout], [], [], STARTUP_SECONDS)
-    line = process.stdout.readline().strip() if ready else ""
-    if not (match := LISTENING.match(line)):
-        process.kill()
-        pytest.fail(f"no address printed (got {line!r}); log:\n{log.read_text()}")
-    return process, match.group(1)
-
-
-def stop_server(process: subprocess.Popen, log: Path) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    assert code == 0, log.read_text()
-    assert process.stdout.read() == ""  # the address line is all it prints
 
 
 def test_serve_generates_and_exits_0_on_sigterm(model_path, tmp_path):

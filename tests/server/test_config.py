@@ -14,7 +14,7 @@ import yaml
 from buf.validate import validate_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from test_cli import STARTUP_SECONDS, child_env, start_server, stop_server
+from server_process import STARTUP_SECONDS, child_env, start_server, stop_server
 
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.server import cli
