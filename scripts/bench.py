@@ -41,8 +41,10 @@ sys.path[:0] = [*SOURCE_PATHS, str(ROOT / "scripts")]
 
 from make_bench_model import PRESETS, bench_model_path  # noqa: E402
 
-RAW, MLX_SERVING, MLX_LM_SERVER = "raw", "mlx_serving", "mlx_lm_server"
-BACKENDS = (RAW, MLX_SERVING, MLX_LM_SERVER)
+RAW, ENGINE, MLX_SERVING, MLX_LM_SERVER = "raw", "engine", "mlx_serving", "mlx_lm_server"
+# ENGINE (our engine in this process, no wire) is a diagnostic: it splits the gap to raw
+# between the engine and the wire.
+BACKENDS = (RAW, ENGINE, MLX_SERVING, MLX_LM_SERVER)
 MODEL_ID = "bench"
 HOST = "127.0.0.1"
 LISTENING = re.compile(r"mlx-serving listening on (\S+):(\d+)")
@@ -583,6 +585,57 @@ def raw_closed_loop(generator, prompts, concurrency, max_tokens):
     return done, time.perf_counter() - start
 
 
+# ---- (1b) our engine in this process, without the wire ------------------------------------
+
+
+class EngineBackend:
+    """The Engine facade (its thread, its asyncio hand-off) with asyncio callers: no gRPC."""
+
+    name = ENGINE
+
+    def __init__(self, model: Path):
+        self.model_path = model
+
+    async def __aenter__(self) -> EngineBackend:
+        from mlx_serving.engine.engine import Engine
+        from mlx_serving.engine.models import ModelSource
+
+        self.engine = Engine()
+        await self.engine.start()
+        await self.engine.load_model(ModelSource(local_path=str(self.model_path)), MODEL_ID)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.engine.shutdown()
+
+    def server_pid(self) -> None:
+        return None
+
+    def report_exit(self) -> None:
+        pass
+
+    async def run_level(self, prompts, concurrency, max_tokens):
+        return await closed_loop(self.generate, prompts, concurrency, max_tokens)
+
+    async def generate(self, prompt: Prompt, max_tokens: int) -> RequestResult:
+        from mlx_serving.engine.requests import GenerationRequest, SamplingParams
+
+        request = GenerationRequest(
+            model_id=MODEL_ID,
+            token_ids=tuple(prompt.ids),
+            max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+        )
+        result = RequestResult(start=time.perf_counter(), prompt_tokens=len(prompt.ids))
+        try:
+            async for chunk in self.engine.generate(request):
+                result.arrived(len(chunk.token_ids), time.perf_counter())
+        except Exception as exc:
+            result.error = describe_error(exc)
+        return result
+
+
 # ---- driving and reporting ---------------------------------------------------------------
 
 
@@ -683,6 +736,8 @@ def format_level(c: int, rows: dict[str, LevelResult], plan: Plan, checks: list[
     for name in BACKENDS:
         if (r := rows.get(name)) is not None:
             lines.append(format_row(r))
+    if (r := ratio(rows.get(ENGINE), rows.get(RAW), "tok_s")) is not None:
+        lines.append(f"engine/raw (no wire): tok/s x{r:.3f}")
     ours = rows.get(MLX_SERVING)
     for peer in (RAW, MLX_LM_SERVER):
         toks, ttft = (
@@ -722,6 +777,8 @@ def make_backends(args, model: Path) -> list:
         backends.append(MlxServingBackend(model, args.startup_timeout, args.server_arg))
     if RAW not in args.skip:
         backends.append(RawBackend(model))
+    if ENGINE not in args.skip:
+        backends.append(EngineBackend(model))
     return backends
 
 

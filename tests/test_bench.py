@@ -32,7 +32,7 @@ def test_bench_reports_positive_figures(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["levels"]) == {"1", "2"}
     for level in report["levels"].values():
-        assert set(level) == {"raw", "mlx_serving"}
+        assert set(level) == {"raw", "engine", "mlx_serving"}
         for row in level.values():
             assert row["failures"] == 0 and row["short"] == 0
             assert row["tokens"] == row["requests"] * 8

@@ -1,6 +1,7 @@
 import asyncio
 
 import pytest
+from engine_probes import break_steps, wait_until_idle
 
 from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.errors import (
@@ -23,22 +24,6 @@ from mlx_serving.engine.requests import GenerationRequest, SamplingParams
 MODEL_ID = "tiny"  # loaded by the engine fixture in conftest.py
 
 LONG = GenerationRequest(MODEL_ID, text="Tell me a story", max_tokens=100_000)
-
-
-def sequences_held(engine: Engine) -> int:
-    """What the engine thread still runs; read once the engine is quiet."""
-    return sum(len(slot.sequences) for slot in engine._slots.values()) + sum(
-        len(slot.generator._generation_batch) + len(slot.generator._prompt_batch)
-        for slot in engine._slots.values()
-    )
-
-
-async def wait_until_idle(engine: Engine) -> None:
-    for _ in range(200):
-        if engine.active_requests() == 0 and sequences_held(engine) == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"engine still holds {sequences_held(engine)} sequences")
 
 
 async def test_closing_a_stream_removes_its_sequence(engine):
@@ -86,23 +71,25 @@ async def test_loading_a_missing_directory_fails_and_keeps_nothing(engine, tmp_p
     assert [m.model_id for m in engine.list_models()] == [MODEL_ID]
 
 
-async def test_hugging_face_ids_resolve_from_the_local_cache(
-    engine, model_path, tmp_path, monkeypatch
-):
+async def test_hugging_face_ids_resolve_from_the_local_cache(model_path, tmp_path, monkeypatch):
     snapshot = tmp_path / "hub" / "models--acme--tiny-hf" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
     for file in model_path.iterdir():
         (snapshot / file.name).symlink_to(file)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    # The engine process reads the environment it starts with.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    info = await engine.load_model(ModelSource(repo_id="acme/tiny-hf"))
-    assert info.model_id == "tiny-hf" and info.state is ModelState.READY
-    with pytest.raises(ModelLoadFailed, match="not in the Hugging Face cache"):
-        await engine.load_model(ModelSource(repo_id="acme/absent"))
+    engine = Engine()
+    await engine.start()
+    try:
+        info = await engine.load_model(ModelSource(repo_id="acme/tiny-hf"))
+        assert info.model_id == "tiny-hf" and info.state is ModelState.READY
+        with pytest.raises(ModelLoadFailed, match="not in the Hugging Face cache"):
+            await engine.load_model(ModelSource(repo_id="acme/absent"))
+    finally:
+        await engine.shutdown(0)
 
 
 async def test_unloading_ends_in_flight_generations(engine):
@@ -156,10 +143,7 @@ async def test_a_dead_engine_thread_ends_streams_and_says_so(engine):
     stream = engine.generate(LONG)
     await anext(stream)
 
-    def broken_step():
-        raise RuntimeError("injected fault")
-
-    engine._slots[MODEL_ID].generator.next = broken_step
+    await engine._call(break_steps, MODEL_ID)
     with pytest.raises(EngineUnavailable):
         async for _ in stream:
             pass

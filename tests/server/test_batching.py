@@ -5,9 +5,9 @@ import random
 
 import grpc
 import pytest
-from wire_helpers import generate_all, wait_until
+from engine_probes import wait_until_idle
+from wire_helpers import generate_all
 
-from mlx_serving.engine.engine import Engine
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
 from mlx_serving.v1 import generate_service_pb2_grpc
 from mlx_serving.v1 import model_service_pb2 as model_pb
@@ -15,16 +15,6 @@ from mlx_serving.v1 import model_service_pb2 as model_pb
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 MODEL_ID = "tiny"  # preloaded by the server fixture
-
-
-def held_by_batch_generators(engine: Engine) -> int:
-    """Sequences anywhere inside mlx-lm's batch generators: queued, prefilling or decoding."""
-    total = 0
-    for slot in engine._slots.values():
-        generator = slot.generator
-        total += len(generator._unprocessed_sequences) + len(generator._prompt_batch)
-        total += len(generator._generation_batch) + len(slot.sequences)
-    return total
 
 
 async def test_a_cancellation_storm_leaves_no_sequence_behind(generate, server):
@@ -50,12 +40,7 @@ async def test_a_cancellation_storm_leaves_no_sequence_behind(generate, server):
             await generate_all(generate, request, timeout=0.05 + rng.random() * 0.3)
 
     await asyncio.gather(*(client(i) for i in range(24)), *(deadline_client(i) for i in range(8)))
-    await wait_until(
-        lambda: (
-            server.engine.active_requests() == 0 and held_by_batch_generators(server.engine) == 0
-        ),
-        timeout=10,
-    )
+    await wait_until_idle(server.engine, timeout=10)
     # The engine still serves.
     _, _, ids = await generate_all(
         generate, generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=4)

@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 import pytest_asyncio
+from engine_probes import break_steps, wedge_steps
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from wire_helpers import generate_all, rpc_error, violated_fields, wait_for_subscribers
 
@@ -226,10 +227,7 @@ async def test_streams_end_cleanly_when_the_server_stops(app, channel):
 async def test_a_dead_engine_invalidates_its_models_and_says_so(app, channel, health):
     call = await subscribe(channel, app)
 
-    def broken_step():
-        raise RuntimeError("injected fault")
-
-    app.engine._slots[MODEL_ID].generator.next = broken_step
+    await app.engine._call(break_steps, MODEL_ID)
     request = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=5)
     error = await rpc_error(generate_grpc.GenerateServiceStub(channel).Generate(request))
     assert error.code() is grpc.StatusCode.UNAVAILABLE
@@ -243,15 +241,9 @@ async def test_a_dead_engine_invalidates_its_models_and_says_so(app, channel, he
 
 async def test_a_wedged_engine_is_declared_dead_within_a_second(fresh_server, model_path):
     app = await fresh_server(EngineConfig(wedge_timeout_seconds=0.3))
-    original = app.engine._slots[MODEL_ID].generator.next
-
-    def wedged_step():
-        time.sleep(2.0)
-        return original()
-
     async with grpc.aio.insecure_channel(app.address) as channel:
         call = await subscribe(channel, app, types=[events_pb.EVENT_TYPE_MODEL_INVALIDATED])
-        app.engine._slots[MODEL_ID].generator.next = wedged_step
+        await app.engine._call(wedge_steps, MODEL_ID, 2.0)
         request = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=5)
         started = time.monotonic()
         error = await rpc_error(generate_grpc.GenerateServiceStub(channel).Generate(request))

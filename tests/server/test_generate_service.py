@@ -3,12 +3,12 @@ import re
 
 import grpc
 import pytest
+from engine_probes import wait_until_idle
 from wire_helpers import (
     field_violations,
     generate_all,
     rpc_error,
     violated_fields,
-    wait_until_idle,
 )
 
 from mlx_serving.v1 import generate_service_pb2 as generate_pb

@@ -69,15 +69,6 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> Non
         await asyncio.sleep(0.01)
 
 
-def sequences_held(engine: Engine) -> int:
-    """Sequences the engine thread still runs (engine internals: read when it is quiet)."""
-    return sum(len(slot.sequences) for slot in engine._slots.values())
-
-
-async def wait_until_idle(engine: Engine) -> None:
-    await wait_until(lambda: engine.active_requests() == 0 and sequences_held(engine) == 0)
-
-
 async def wait_for_subscribers(engine: Engine, count: int) -> None:
     """Subscribe registers on the server's first read: wait for it before making events."""
     await wait_until(lambda: len(engine.events._subscriptions) == count)

@@ -1,18 +1,24 @@
-"""The engine: the asyncio facade over the one thread that owns every MLX object.
+"""The engine: the asyncio facade over the process that owns every MLX object.
 
 Callers on the event loop use this class only. It keeps what the loop needs to answer at once
-(model descriptions, readers of each request, liveness), and hands everything touching MLX to
-the engine thread (scheduler.py) as commands.
+(model descriptions, tokenizers, readers of each request, liveness), and hands everything
+touching MLX to the engine process (scheduler.py) as commands. A reader thread takes the
+process's results off the pipe and hands them to the loop, once per step.
 """
 
 import asyncio
+import contextlib
+import itertools
 import logging
-import queue
+import multiprocessing
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+
+from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import EngineConfig
 from .errors import (
@@ -32,11 +38,23 @@ from .events import (
     Subscription,
 )
 from .models import ModelInfo, ModelSource, ModelState
-from .observer import EngineObserver
+from .observer import EngineObserver, replay
 from .requests import GenerationChunk, GenerationRequest
-from .scheduler import END, ModelSlot, Scheduler, Ticket, check_token_ids
+from .scheduler import END, Scheduler, check_token_ids, run_engine_process
 
 log = logging.getLogger(__name__)
+
+# Spawned, never forked: a fork would copy the server's gRPC and thread state.
+PROCESS_CONTEXT = multiprocessing.get_context("spawn")
+
+
+@dataclass(eq=False)
+class Ticket:
+    """The reader's side of one request: what the engine process sends for `rid` lands here."""
+
+    rid: int
+    outbox: asyncio.Queue
+    finished: bool = False
 
 
 class Engine:
@@ -44,47 +62,66 @@ class Engine:
         self, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None
     ):
         self.config = config
-        self.observer = observer or EngineObserver()
+        self._observer = observer or EngineObserver()
         self.events = EventBus()
         self._infos: dict[str, ModelInfo] = {}
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._scheduler: Scheduler | None = None
+        self._tokenizers: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._process = None
+        self._commands = self._results = None
+        self._stepping = None
+        self._reader: threading.Thread | None = None
+        self._calls: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
         self._stopped = asyncio.Event()
         self._running = False
         self._draining = False
         self._dead = False
         self._active = 0
-        self._tickets: set[Ticket] = set()
+        self._tickets: dict[int, Ticket] = {}
+        self._token_events = False
         self._watchdog: asyncio.Task | None = None
 
     # ---- life cycle (event loop side) -------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._scheduler = Scheduler(
-            self.config,
-            self.observer,
-            self.events,
-            self._commands,
-            self._loop,
-            on_failure=self._fail,
-            on_stopped=self._stopped.set,
+        commands_out, commands_in = PROCESS_CONTEXT.Pipe(duplex=False)
+        results_out, results_in = PROCESS_CONTEXT.Pipe(duplex=False)
+        self._stepping = PROCESS_CONTEXT.Value("d", 0.0, lock=False)
+        self._process = PROCESS_CONTEXT.Process(
+            target=run_engine_process,
+            args=(self.config, commands_out, results_in, self._stepping, log.getEffectiveLevel()),
+            name="mlx-engine",
+            daemon=True,
         )
+        await asyncio.to_thread(self._process.start)
+        commands_out.close()
+        results_in.close()
+        self._commands, self._results = commands_in, results_out
         self._running = True
-        self._thread = threading.Thread(target=self._scheduler.run, name="mlx-engine", daemon=True)
-        self._thread.start()
+        self._reader = threading.Thread(target=self._read, name="mlx-engine-reader", daemon=True)
+        self._reader.start()
         self._watchdog = asyncio.create_task(self._watch())
+        self._post(Scheduler.set_observing, self._records(self._observer))
 
     @property
-    def _slots(self) -> dict[str, ModelSlot]:
-        """The engine thread's models: read them only from there, or when it is quiet."""
-        return self._scheduler.slots if self._scheduler else {}
+    def observer(self) -> EngineObserver:
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: EngineObserver) -> None:
+        self._observer = observer
+        if self._running and not self._dead:
+            self._post(Scheduler.set_observing, self._records(observer))
+
+    @staticmethod
+    def _records(observer: EngineObserver) -> bool:
+        return type(observer) is not EngineObserver
 
     @property
     def alive(self) -> bool:
-        """The engine thread runs and has not died (it may be draining)."""
+        """The engine process runs and has not died (it may be draining)."""
         return self._running and not self._dead
 
     async def wait_stopped(self) -> None:
@@ -98,20 +135,24 @@ class Engine:
         if not self._running:
             return
         self._draining = True
-        self.events.publish(Event(RuntimeStatus("shutdown", len(self._slots), self._active)))
+        self.events.publish(Event(RuntimeStatus("shutdown", self._ready_models(), self._active)))
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         while self._active and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if not self._dead:
-            await self._call(
-                self._scheduler.abort_all, RequestAborted("the server is shutting down")
-            )
-        self._running = self._scheduler.running = False
-        self._commands.put(lambda: None)
+            await self._call(Scheduler.abort_all, RequestAborted("the server is shutting down"))
+            self._post(Scheduler.stop)
+        self._running = False
         self._watchdog.cancel()
-        # A wedged thread may never return: wait for it only a moment then.
-        await asyncio.to_thread(self._thread.join, 1.0 if self._dead else None)
+        # A wedged process may never return: wait for it only a moment then.
+        await asyncio.to_thread(self._process.join, 1.0 if self._dead else 30.0)
+        if self._process.is_alive():
+            self._process.kill()
+            await asyncio.to_thread(self._process.join)
+        self._commands.close()
+        await asyncio.to_thread(self._reader.join)
+        self._results.close()
         self.events.close()
 
     # ---- models ----------------------------------------------------------------------
@@ -130,7 +171,9 @@ class Engine:
 
     async def _finish_load(self, source: ModelSource, model_id: str) -> ModelInfo:
         try:
-            info = await self._call(self._scheduler.load, source, model_id)
+            info, path = await self._call(Scheduler.load, source, model_id)
+            # The facade's own copy, for Tokenize and Detokenize without a trip to the engine.
+            self._tokenizers[model_id] = await asyncio.to_thread(load_tokenizer, Path(path))
         except BaseException:
             self._infos.pop(model_id, None)
             raise
@@ -142,11 +185,15 @@ class Engine:
         info = self.get_model(model_id)
         if info.state is not ModelState.READY:
             raise ModelNotReady(model_id, info.state.value)
-        await self._call(self._scheduler.unload, model_id)
+        await self._call(Scheduler.unload, model_id)
         self._infos.pop(model_id, None)
+        self._tokenizers.pop(model_id, None)
 
     def list_models(self) -> list[ModelInfo]:
         return list(self._infos.values())
+
+    def _ready_models(self) -> int:
+        return sum(info.state is ModelState.READY for info in self._infos.values())
 
     def get_model(self, model_id: str) -> ModelInfo:
         try:
@@ -190,8 +237,8 @@ class Engine:
         info = self.get_model(model_id)
         if info.state is not ModelState.READY:
             raise ModelNotReady(model_id, info.state.value)
-        # Hugging Face fast tokenizers are thread-safe, so tokenize off the engine thread.
-        return self._slots[model_id].loaded.tokenizer
+        # Hugging Face fast tokenizers are thread-safe, so tokenize off the event loop.
+        return self._tokenizers[model_id]
 
     # ---- generation ------------------------------------------------------------------
 
@@ -205,11 +252,11 @@ class Engine:
             raise ModelNotReady(request.model_id, info.state.value)
         if self._active >= self.config.max_batch_size + self.config.max_queued_requests:
             raise EngineOverloaded(self.config.retry_after_seconds)
-        ticket = Ticket(outbox=asyncio.Queue(), internal=internal)
+        ticket = Ticket(rid=next(self._ids), outbox=asyncio.Queue())
         self._active += 1
-        self._tickets.add(ticket)
+        self._tickets[ticket.rid] = ticket
         try:
-            await self._call(self._scheduler.admit, request, ticket)
+            await self._call(Scheduler.admit, request, ticket.rid, internal)
             while True:
                 chunks = [await ticket.outbox.get()]
                 while not ticket.outbox.empty():
@@ -218,7 +265,7 @@ class Engine:
                     if isinstance(item, BaseException):
                         ticket.finished = True
                         raise item
-                ticket.finished = chunks[-1] is END
+                ticket.finished = chunks[-1] == END
                 if ticket.finished:
                     chunks.pop()
                 if chunks:
@@ -227,10 +274,10 @@ class Engine:
                     return
         finally:
             self._active -= 1
-            self._tickets.discard(ticket)
+            del self._tickets[ticket.rid]
             if not ticket.finished and not self._dead and self._running:
                 # FIFO commands: this runs after the admission, even if we left while awaiting it.
-                self._commands.put(lambda: self._scheduler.cancel(ticket))
+                self._post(Scheduler.cancel, ticket.rid)
 
     # ---- events ----------------------------------------------------------------------
 
@@ -238,31 +285,48 @@ class Engine:
         self, kinds: frozenset[type] | None = None, model_ids: frozenset[str] | None = None
     ) -> "EventStream":
         """Registered at once, so no event is missed between the call and the first read."""
-        return EventStream(self.events, self.events.subscribe(kinds, model_ids))
+        stream = EventStream(self.events, self.events.subscribe(kinds, model_ids), self)
+        self.sync_token_events()
+        return stream
+
+    def sync_token_events(self) -> None:
+        """Tell the engine process whether anyone wants TokenGenerated (they cost per token)."""
+        wanted = self.events.token_subscribers > 0
+        if wanted != self._token_events and self._running and not self._dead:
+            self._token_events = wanted
+            self._post(Scheduler.set_token_events, wanted)
 
     async def _watch(self) -> None:
         """Declare the engine dead when one batch step outlives the wedge timeout."""
         timeout = self.config.wedge_timeout_seconds
         while not self._dead:
             await asyncio.sleep(min(0.25, timeout / 4))
-            since = self._scheduler.stepping_since
-            if since is not None and time.monotonic() - since > timeout:
+            since = self._stepping.value
+            if since and time.monotonic() - since > timeout:
                 self._fail(f"the engine is wedged: a batch step has run for over {timeout:g} s")
 
     def _fail(self, reason: str) -> None:
-        """Event loop: the engine thread died or wedged. End every stream and say so once."""
+        """Event loop: the engine process died or wedged. End every stream and say so once."""
         if self._dead:
             return
         self._dead = True
         log.error("engine failed: %s", reason)
         error = EngineUnavailable("the engine stopped after an internal error")
-        for ticket in self._tickets:
+        for ticket in self._tickets.values():
             ticket.outbox.put_nowait(error)
-        for model_id in self._slots:
-            self.events.publish(Event(ModelInvalidated(model_id, reason), model_id=model_id))
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        self._calls.clear()
+        for model_id, info in self._infos.items():
+            if info.state is ModelState.READY:
+                event = ModelInvalidated(model_id, reason)
+                self.events.publish(Event(event, model_id=model_id))
         self.events.publish(Event(ErrorOccurred(reason, code="engine_dead")))
         self.events.publish(Event(RuntimeStatus("error", 0, self._active)))
         self._stopped.set()
+        if self._process.is_alive():  # wedged: nothing it could still do would reach anyone
+            self._process.kill()
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -275,30 +339,78 @@ class Engine:
             raise EngineUnavailable("the engine is not running")
 
     async def _call(self, fn: Callable, *args) -> Any:
-        """Run fn on the engine thread and await its result."""
-        future = self._loop.create_future()
+        """`fn(scheduler, *args)` in the engine process, awaited. `fn` must be importable there
+        (a Scheduler method, a module-level function) and its arguments picklable."""
+        call_id = next(self._ids)
+        future = self._calls[call_id] = self._loop.create_future()
+        self._send((call_id, fn, args))
+        try:
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
 
-        def settle(ok: bool, value: Any) -> None:
-            if not future.done():
-                (future.set_result if ok else future.set_exception)(value)
+    def _post(self, fn: Callable, *args) -> None:
+        """`fn(scheduler, *args)` in the engine process, not awaited."""
+        self._send((None, fn, args))
 
-        def command() -> None:
+    def _send(self, command: tuple) -> None:
+        try:
+            self._commands.send(command)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            raise EngineUnavailable("the engine process is gone") from None
+
+    # ---- the engine process's results (reader thread, then event loop) -----------------
+
+    def _read(self) -> None:
+        """Reader thread: one hop to the loop per message; the pipe's end is the process's."""
+        while True:
             try:
-                result = (True, fn(*args))
-            except Exception as exc:
-                result = (False, exc)
-            self._scheduler.deliver()  # the command's events reach the loop before its result
-            self._scheduler.to_loop(settle, *result)
+                message = self._results.recv()
+            except (EOFError, OSError):
+                break
+            self._to_loop(self._receive, message)
+        self._to_loop(self._process_ended)
 
-        self._commands.put(command)
-        return await future
+    def _to_loop(self, fn: Callable, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: no one left to tell
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _receive(self, message: tuple) -> None:
+        kind, *body = message
+        if kind == "step":
+            deliveries, events, observations = body
+            tickets = self._tickets
+            for delivery in deliveries:
+                if (ticket := tickets.get(delivery[0])) is not None:
+                    # (rid, text, token ids) is a chunk mid-stream; (rid, item) anything else.
+                    item = delivery[1] if len(delivery) == 2 else GenerationChunk(*delivery[1:])
+                    ticket.outbox.put_nowait(item)
+            replay(self._observer, observations)
+            self.events.publish_all(events)
+        elif kind == "result":
+            call_id, ok, value = body
+            future = self._calls.get(call_id)
+            if future is not None and not future.done():
+                (future.set_result if ok else future.set_exception)(value)
+        elif kind == "failed":
+            self._fail(body[0])
+        elif kind == "stopped":
+            self._stopped.set()
+
+    def _process_ended(self) -> None:
+        if self._running and not self._dead:
+            self._process.join(1.0)
+            code = self._process.exitcode
+            self._fail(f"the engine process exited unexpectedly (exit code {code})")
+        self._stopped.set()
 
 
 class EventStream:
     """An async iterator over one subscription; closing it unsubscribes."""
 
-    def __init__(self, bus: EventBus, subscription: Subscription):
+    def __init__(self, bus: EventBus, subscription: Subscription, engine: Engine):
         self._bus = bus
+        self._engine = engine
         self.subscription = subscription
 
     def __aiter__(self) -> "EventStream":
@@ -317,6 +429,7 @@ class EventStream:
 
     def close(self) -> None:
         self._bus.unsubscribe(self.subscription)
+        self._engine.sync_token_events()
 
     async def aclose(self) -> None:
         self.close()

@@ -6,6 +6,18 @@ from dataclasses import dataclass
 class EngineError(Exception):
     """Base of every error the engine raises on purpose."""
 
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args), which our constructors do not take: they cross from
+        # the engine process whole, attributes included.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type, args: tuple, state: dict) -> "EngineError":
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ModelNotFound(EngineError):
     def __init__(self, model_id: str):

@@ -142,7 +142,7 @@ class Subscription:
 
 
 class EventBus:
-    """Lives on the event loop; the engine thread publishes through `loop.call_soon_threadsafe`.
+    """Lives on the event loop; the facade publishes the engine process's events once per step.
 
     `prepare`, when set, turns an event into what subscribers receive (the server encodes and
     validates there, once per event, whatever the number of subscribers); None drops it.
@@ -152,7 +152,7 @@ class EventBus:
         self.buffer_size = buffer_size
         self.prepare: Callable[[Event], Any] | None = None
         self._subscriptions: set[Subscription] = set()
-        # Read by the engine thread before it builds per-token events: no subscriber, no cost.
+        # The facade tells the engine process whether to build per-token events: none, no cost.
         self.token_subscribers = 0
 
     def subscribe(

@@ -1,8 +1,8 @@
-"""Hooks for metrics: the engine thread calls them at the moments that matter.
+"""Hooks for metrics: the engine calls them at the moments that matter.
 
 The engine knows nothing of Prometheus or OpenTelemetry; the server passes an observer that
-records what it wants. Every hook runs on the engine thread, inside the decode loop: keep it
-cheap, non-blocking and thread-safe.
+records what it wants. The engine process records each call and the facade replays them, in
+order, on the event loop once per step: a hook may be slow-ish, but must not block.
 """
 
 
@@ -44,3 +44,35 @@ class EngineObserver:
 
     def models_loaded(self, count: int) -> None:
         """The number of ready models changed."""
+
+
+HOOKS = tuple(name for name in vars(EngineObserver) if not name.startswith("_"))
+
+
+class RecordingObserver(EngineObserver):
+    """The engine process's observer: it records each call, and the facade replays them on the
+    real observer with the step's results (a tuple append per call on the hot path)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple]] = []
+
+    def take(self) -> list[tuple[str, tuple]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _recorder(name: str):
+    def record(self: RecordingObserver, *args) -> None:
+        self.calls.append((name, args))
+
+    record.__name__ = name
+    return record
+
+
+for _name in HOOKS:
+    setattr(RecordingObserver, _name, _recorder(_name))
+
+
+def replay(observer: EngineObserver, calls: list[tuple[str, tuple]]) -> None:
+    for name, args in calls:
+        getattr(observer, name)(*args)

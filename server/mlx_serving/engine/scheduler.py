@@ -1,18 +1,19 @@
-"""The engine thread: the one owner of every MLX object (models, KV caches, batches).
+"""The engine process: the one owner of every MLX object (models, KV caches, batches).
 
-MLX streams are thread-local, so the models, mlx-lm's BatchGenerator per model and the prefix
-cache are only touched here. The Engine facade (engine.py) hands this thread commands through a
-queue; the thread sends results back with `loop.call_soon_threadsafe`, once per step for all
-requests and events together.
+The Engine facade (engine.py) starts this module's `run_engine_process` in a process of its
+own, so that the Python work of the wire layer never competes with the decode loop for a GIL:
+on a GPU a small model's batch step is bound by the host, and every microsecond the event loop
+holds the GIL was a microsecond of decoding lost. Commands arrive as `(call id, function,
+args)` over one pipe; results go back over another, once per step for every request's chunks,
+every event and every observer call together.
 """
 
-import asyncio
-import contextlib
 import logging
-import queue
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import mlx.core as mx
@@ -24,7 +25,6 @@ from .detokenizer import StreamingDetokenizer
 from .errors import FieldViolation, InvalidRequest, RequestAborted
 from .events import (
     Event,
-    EventBus,
     GenerationCompleted,
     GenerationStarted,
     ModelLoaded,
@@ -34,36 +34,27 @@ from .events import (
 )
 from .loading import LoadedModel, load_model
 from .models import ModelInfo, ModelSource
-from .observer import EngineObserver
+from .observer import EngineObserver, RecordingObserver
 from .requests import FinishReason, GenerationChunk, GenerationRequest, Usage
 from .sampling import make_logits_processors, make_sampler
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
 
-# Sent down a request's queue to end it.
-END = object()
-
-
-@dataclass(eq=False)
-class Ticket:
-    """The reader's side of a request; the engine thread attaches the sequence it admits."""
-
-    outbox: asyncio.Queue
-    internal: bool
-    sequence: "Sequence | None" = None
-    finished: bool = False
+# Sent to a request's reader to end it.
+END = "end"
 
 
 @dataclass
 class Sequence:
-    """Engine-thread state of one request."""
+    """Engine-process state of one request, known to the facade by its `rid`."""
 
     request: GenerationRequest
     prompt: list[int]
     max_tokens: int
     context_clipped: bool
-    ticket: Ticket
+    rid: int
+    internal: bool
     detokenizer: StreamingDetokenizer
     stop_matcher: StopMatcher | None
     eos: frozenset[int]
@@ -87,38 +78,33 @@ class ModelSlot:
 
 
 class Scheduler:
-    """Runs on the engine thread only, but for `receive`, which the event loop runs."""
+    """The engine process's loop: take commands, step every model's batch, send the results."""
 
     def __init__(
-        self,
-        config: EngineConfig,
-        observer: EngineObserver,
-        events: EventBus,
-        commands: "queue.SimpleQueue[Callable[[], None]]",
-        loop: asyncio.AbstractEventLoop,
-        on_failure: Callable[[str], None],
-        on_stopped: Callable[[], None],
+        self, config: EngineConfig, commands: Connection, results: Connection, stepping: Any
     ):
         self.config = config
-        self.observer = observer
-        self.events = events
+        # Replaced by a RecordingObserver while the facade's observer records anything.
+        self.observer = EngineObserver()
         self._commands = commands
-        self._loop = loop
-        self._on_failure = on_failure
-        self._on_stopped = on_stopped
+        self._results = results
+        # When the current batch step began (time.monotonic, shared memory), 0.0 between
+        # steps: the facade's watchdog reads it.
+        self._stepping = stepping
         self.slots: dict[str, ModelSlot] = {}
+        self.sequences: dict[int, Sequence] = {}
+        # Whether anyone subscribes to TokenGenerated: without, no per-token event is built.
+        self.token_events = False
         self.prefix_cache = LRUPromptCache(
             max_size=config.prefix_cache_entries, max_bytes=config.prefix_cache_bytes
         )
         self.running = True
-        # When the current batch step began; None between steps. The watchdog reads it.
-        self.stepping_since: float | None = None
-        self._deliveries: list[tuple[asyncio.Queue, Any]] = []
+        self._deliveries: list[tuple[int, Any]] = []
         self._events_out: list[Event] = []
         self._status = ""
 
     def _publish(self, event: Event) -> None:
-        """Engine thread: sent to the loop with the step's other results (see `_deliver`)."""
+        """Sent to the facade with the step's other results (see `deliver`)."""
         self._events_out.append(event)
 
     def run(self) -> None:
@@ -127,24 +113,29 @@ class Scheduler:
             with mx.stream(self._stream):
                 while self.running:
                     self._take_commands()
-                    self.stepping_since = time.monotonic()
+                    self._stepping.value = time.monotonic()
                     for slot in list(self.slots.values()):
                         if slot.sequences:
                             self._step(slot)
-                    self.stepping_since = None
+                    self._stepping.value = 0.0
                     self._report_status()
                     self.deliver()
         except BaseException as exc:
-            log.exception("engine thread died")
+            log.exception("engine loop died")
             self.deliver()  # what was already decided, such as events of admitted requests
-            self.to_loop(self._on_failure, f"engine thread died: {type(exc).__name__}")
+            self._reply("failed", f"engine loop died: {type(exc).__name__}")
         finally:
-            self.to_loop(self._on_stopped)
+            self._reply("stopped")
 
-    def to_loop(self, fn: Callable, *args) -> None:
-        """Engine thread → event loop; a loop already closed has no one left to tell."""
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(fn, *args)
+    def _reply(self, *message: Any) -> None:
+        """To the facade; once it has gone (it closed the pipe) there is no one left to tell."""
+        try:
+            self._results.send(message)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            self.running = False
+
+    def stop(self) -> None:
+        self.running = False
 
     def _report_status(self) -> None:
         active = sum(len(slot.sequences) for slot in self.slots.values())
@@ -156,33 +147,44 @@ class Scheduler:
     def _take_commands(self) -> None:
         busy = any(slot.sequences for slot in self.slots.values())
         if not busy:
-            self._commands.get()()
+            self._run_command(self._commands.recv())
             # Idle → busy: give concurrent arrivals a moment to join the first step.
             time.sleep(self.config.coalesce_seconds)
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            command()
+        while self.running and self._commands.poll():
+            self._run_command(self._commands.recv())
+
+    def _run_command(self, command: tuple[int | None, Callable, tuple]) -> None:
+        """`fn(self, *args)`; a caller that waits (a call id) gets the result or the error."""
+        call_id, fn, args = command
+        try:
+            ok, value = True, fn(self, *args)
+        except Exception as exc:
+            ok, value = False, exc
+        if call_id is None:
+            if not ok:
+                log.error("engine command %s failed", getattr(fn, "__name__", fn), exc_info=value)
+            return
+        self.deliver()  # the command's events reach the facade before its result
+        try:
+            payload = pickle.dumps(("result", call_id, ok, value))
+        except Exception as exc:  # a result or third-party error that cannot cross processes
+            error = RuntimeError(f"{type(value).__name__}: {value}" if not ok else repr(exc))
+            payload = pickle.dumps(("result", call_id, False, error))
+        self._results.send_bytes(payload)
 
     def _send(self, sequence: Sequence, item: Any) -> None:
-        self._deliveries.append((sequence.ticket.outbox, item))
+        """`item`: a final GenerationChunk, an error, or END (see `_advance` for the others)."""
+        self._deliveries.append((sequence.rid, item))
 
     def deliver(self) -> None:
-        """One hop to the event loop per step, for every reader's chunks and every event."""
-        if self._deliveries or self._events_out:
+        """One message to the facade per step: every reader's chunks, events, observations."""
+        observations = self.observer.take() if isinstance(self.observer, RecordingObserver) else []
+        if self._deliveries or self._events_out or observations:
             deliveries, self._deliveries = self._deliveries, []
             events, self._events_out = self._events_out, []
-            self.to_loop(self.receive, deliveries, events)
+            self._reply("step", deliveries, events, observations)
 
-    def receive(self, deliveries: list[tuple[asyncio.Queue, Any]], events: list[Event]) -> None:
-        """Event loop side of `deliver`."""
-        for outbox, item in deliveries:
-            outbox.put_nowait(item)
-        self.events.publish_all(events)
-
-    def load(self, source: ModelSource, model_id: str) -> ModelInfo:
+    def load(self, source: ModelSource, model_id: str) -> tuple[ModelInfo, str]:
         started = time.perf_counter()
         loaded = load_model(source, model_id)
         eos = sorted(loaded.tokenizer.eos_token_ids)
@@ -197,7 +199,7 @@ class Scheduler:
         self.slots[model_id] = ModelSlot(loaded=loaded, generator=generator)
         self.observer.models_loaded(len(self.slots))
         self._publish(loaded_event(loaded, time.perf_counter() - started))
-        return loaded.info
+        return loaded.info, str(loaded.path)
 
     def unload(self, model_id: str) -> None:
         slot = self.slots.pop(model_id)
@@ -209,7 +211,7 @@ class Scheduler:
         self.observer.models_loaded(len(self.slots))
         self._publish(Event(ModelUnloaded(model_id, reason="requested"), model_id=model_id))
 
-    def admit(self, request: GenerationRequest, ticket: Ticket) -> None:
+    def admit(self, request: GenerationRequest, rid: int, internal: bool) -> None:
         slot = self.slots[request.model_id]
         tokenizer, info = slot.loaded.tokenizer, slot.loaded.info
         prompt, field_name = encode_prompt(tokenizer, request)
@@ -228,15 +230,14 @@ class Scheduler:
             max_tokens, clipped = min(max_tokens, room), room < max_tokens
         eos = frozenset(() if request.ignore_eos else tokenizer.eos_token_ids)
         # Warm-up requests neither use nor fill the prefix cache.
-        cache, cached = (
-            (None, 0) if ticket.internal else self._cached_prefix(request.model_id, prompt)
-        )
+        cache, cached = (None, 0) if internal else self._cached_prefix(request.model_id, prompt)
         sequence = Sequence(
             request=request,
             prompt=prompt,
             max_tokens=max_tokens,
             context_clipped=clipped,
-            ticket=ticket,
+            rid=rid,
+            internal=internal,
             detokenizer=StreamingDetokenizer(tokenizer),
             stop_matcher=StopMatcher(request.stop, request.include_stop) if request.stop else None,
             eos=eos,
@@ -253,8 +254,8 @@ class Scheduler:
             stop_sequences=[StopSequences([[t] for t in stop_ids] or None)],
         )
         slot.sequences[sequence.uid] = sequence
-        ticket.sequence = sequence
-        if not ticket.internal:
+        self.sequences[rid] = sequence
+        if not internal:
             self.observer.request_queued(request.model_id)
             self._publish(
                 Event(
@@ -317,9 +318,9 @@ class Scheduler:
             if not sequence.started:
                 self._mark_started(sequence, now)
             sequence.first_token_time = now
-            if not sequence.ticket.internal:
+            if not sequence.internal:
                 self.observer.first_token(model_id, now - sequence.arrival)
-        elif not sequence.ticket.internal:
+        elif not sequence.internal:
             self.observer.tokens(model_id, 1, now - sequence.last_token_time)
         sequence.last_token_time = now
         finish, matched = finish_reason(response, sequence), ""
@@ -338,17 +339,18 @@ class Scheduler:
                 finish, matched = FinishReason.STOP_SEQUENCE, stop
             elif finish is not None:
                 text += sequence.stop_matcher.flush()
-        if self.events.token_subscribers and not sequence.ticket.internal:
+        if self.token_events and not sequence.internal:
             self._publish_token(sequence, response, text, finish is not None)
         if finish is None:
-            self._send(sequence, GenerationChunk(text=text, token_ids=ids))
+            # A bare tuple: pickling a dataclass per token would cost the decode loop ~2 µs.
+            self._deliveries.append((sequence.rid, text, ids))
             return
         if response.finish_reason is None:
             removed = slot.generator.remove([sequence.uid], return_prompt_caches=True)
             cache, tokens = removed.get(sequence.uid, (None, None))
         else:
             cache, tokens = response.prompt_cache, response.all_tokens
-        if not sequence.ticket.internal:
+        if not sequence.internal:
             self._remember_prefix(sequence.request.model_id, tokens, cache)
         usage = make_usage(sequence, now)
         self._send(sequence, GenerationChunk(text, ids, finish, usage, matched))
@@ -375,11 +377,17 @@ class Scheduler:
 
     def _mark_started(self, sequence: Sequence, now: float) -> None:
         sequence.started, sequence.start_time = True, now
-        if not sequence.ticket.internal:
+        if not sequence.internal:
             self.observer.request_started(sequence.request.model_id, now - sequence.arrival)
 
-    def cancel(self, ticket: Ticket) -> None:
-        sequence = ticket.sequence
+    def set_token_events(self, wanted: bool) -> None:
+        self.token_events = wanted
+
+    def set_observing(self, observing: bool) -> None:
+        self.observer = RecordingObserver() if observing else EngineObserver()
+
+    def cancel(self, rid: int) -> None:
+        sequence = self.sequences.get(rid)
         if sequence is None:
             return
         slot = self.slots.get(sequence.request.model_id)
@@ -397,9 +405,10 @@ class Scheduler:
     ) -> None:
         """Forget a sequence and tell its reader (unless it already left)."""
         del slot.sequences[sequence.uid]
+        self.sequences.pop(sequence.rid, None)
         if final is not None:
             self._send(sequence, final)
-        if sequence.ticket.internal:
+        if sequence.internal:
             return
         usage = usage or make_usage(sequence, time.perf_counter())
         self.observer.request_finished(
@@ -529,3 +538,14 @@ def loaded_event(loaded: LoadedModel, seconds: float) -> Event:
         ),
         model_id=info.model_id,
     )
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def run_engine_process(
+    config: EngineConfig, commands: Connection, results: Connection, stepping: Any, log_level: int
+) -> None:
+    """The engine process's main: log as the server does, then run until told to stop."""
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    Scheduler(config, commands, results, stepping).run()

@@ -1,7 +1,7 @@
 """The aio server: the four services, health, reflection, and the order of start and stop.
 
 Health says SERVING only once the engine runs, the preloaded models are loaded and a warm-up
-token was generated; it says NOT_SERVING again as soon as the engine thread stops (crash or
+token was generated; it says NOT_SERVING again as soon as the engine stops (crash or
 shutdown) or a graceful shutdown begins.
 """
 
@@ -168,7 +168,7 @@ class ServingApp:
         await self.engine.wait_stopped()
         if self._stopping:
             return
-        log.error("the engine thread stopped: health is NOT_SERVING")
+        log.error("the engine stopped: health is NOT_SERVING")
         if self.telemetry is not None:
             self.telemetry.engine_stopped()
         await self._set_health(NOT_SERVING)

@@ -4,7 +4,7 @@ shows the configuration it would run with, and `mlx-serving config check FILE` c
 The configuration (docs/CONFIG.md) is the defaults, then the file of --config (or of
 $MLX_SERVING_CONFIG), then MLX_SERVING_* variables, then flags. The host defaults to 127.0.0.1:
 the server has no authentication, so listening on every interface (`--host 0.0.0.0`) must be
-asked for. Exit status: 0 after a graceful shutdown, 1 if startup failed or the engine thread
+asked for. Exit status: 0 after a graceful shutdown, 1 if startup failed or the engine
 died, 2 for bad arguments or a bad configuration.
 """
 
@@ -244,8 +244,8 @@ def make_app(config: config_pb.Config) -> ServingApp:
     return ServingApp(engine, config.server.host, config.server.port, telemetry=telemetry)
 
 
-# The engine thread and the event loop share the GIL. At Python's default 5 ms switch interval
-# the engine thread waits up to that long after each step for the loop to let go of it.
+# The engine's reader thread and the event loop share the GIL. At Python's default 5 ms switch
+# interval a batch step's results would wait up to that long for the loop to let go of it.
 GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 
 

@@ -1,8 +1,7 @@
 """Prometheus metrics: the engine observer and the per-RPC counts, in one registry per server.
 
-Every name starts with `mlx_serving_`; engine metrics carry a `model` label. The engine thread
-calls the observer's hooks inside its decode loop, so each hook is a few O(1) updates
-(prometheus-client metrics are thread-safe).
+Every name starts with `mlx_serving_`; engine metrics carry a `model` label. The engine's
+hooks are replayed on the event loop once per batch step, so each hook is a few O(1) updates.
 """
 
 import threading
@@ -103,7 +102,8 @@ class MetricsObserver(EngineObserver):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
         self._occupancy: dict[str, Occupancy] = {}
-        # Hooks come from the engine thread; `engine_stopped` from the event loop.
+        # Hooks and `engine_stopped` both run on the event loop today; the lock keeps the
+        # occupancy consistent should a hook ever be called from another thread.
         self._lock = threading.Lock()
 
     def request_queued(self, model_id: str) -> None:
@@ -164,7 +164,7 @@ class MetricsObserver(EngineObserver):
         self.metrics.models_loaded.set(count)
 
     def engine_stopped(self) -> None:
-        """The engine thread died: nothing runs or waits any more, and no model serves."""
+        """The engine died: nothing runs or waits any more, and no model serves."""
         with self._lock:
             for model_id, occupancy in self._occupancy.items():
                 occupancy.admitted = occupancy.running = 0

@@ -97,7 +97,7 @@ class Telemetry:
         log.info("metrics on http://%s:%d/metrics", host, self.prometheus_port)
 
     def engine_stopped(self) -> None:
-        """The engine thread died without ending its sequences: zero what it would have."""
+        """The engine died without ending its sequences: zero what it would have."""
         if isinstance(self.observer, MetricsObserver):
             self.observer.engine_stopped()
 

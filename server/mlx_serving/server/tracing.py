@@ -4,7 +4,7 @@ The RPC spans come from opentelemetry-instrumentation-grpc's aio interceptor, wi
 iterates every streaming handler as an async generator, and ours are coroutines writing with
 `context.write` (opentelemetry-python-contrib#3066). The engine times each generation and
 reports it in the final `Usage`; `record_generation` turns that into three child spans with
-explicit timestamps, so the engine thread never touches OpenTelemetry. No global state: each
+explicit timestamps, so the engine never touches OpenTelemetry. No global state: each
 server has its own TracerProvider, and the tracer reaches the Generate handler by a ContextVar.
 """
 

@@ -1,0 +1,53 @@
+"""Functions the tests run inside the engine process, through `Engine._call(fn, *args)`.
+
+They must live in a module the engine process can import by name (this one: tests/ is on the
+path of every test and of the process spawned for it), never in a test function.
+"""
+
+import asyncio
+import time
+
+from mlx_serving.engine.scheduler import Scheduler
+
+
+def sequences_held(scheduler: Scheduler) -> int:
+    """Sequences the engine still runs: ours, and anywhere inside mlx-lm's batch generators."""
+    total = len(scheduler.sequences)
+    for slot in scheduler.slots.values():
+        generator = slot.generator
+        total += len(slot.sequences) + len(generator._unprocessed_sequences)
+        total += len(generator._prompt_batch) + len(generator._generation_batch)
+    return total
+
+
+def break_steps(scheduler: Scheduler, model_id: str) -> None:
+    """The next batch step of `model_id` raises, as a bug in the decode loop would."""
+    scheduler.slots[model_id].generator.next = _broken_step
+
+
+def _broken_step():
+    raise RuntimeError("injected fault")
+
+
+def wedge_steps(scheduler: Scheduler, model_id: str, seconds: float) -> None:
+    """The next batch step of `model_id` hangs for `seconds`, as a stuck device would."""
+    generator = scheduler.slots[model_id].generator
+    original = generator.next
+
+    def wedged_step():
+        time.sleep(seconds)
+        return original()
+
+    generator.next = wedged_step
+
+
+async def wait_until_idle(engine, timeout: float = 3.0) -> None:
+    """No request in the facade, no sequence in the engine process."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        held = await engine._call(sequences_held)
+        if engine.active_requests() == 0 and held == 0:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the engine still holds {held} sequences")
+        await asyncio.sleep(0.01)
