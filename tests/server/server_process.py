@@ -31,6 +31,8 @@ def start_server(args: list[str], log: Path, **env: str) -> tuple[subprocess.Pop
         stderr=log.open("w"),
         text=True,
         env=child_env(**env),
+        # Its own process group, so a test can signal the server and its engine together.
+        start_new_session=True,
     )
     ready, _, _ = select.select([process.stdout], [], [], STARTUP_SECONDS)
     line = process.stdout.readline().strip() if ready else ""

@@ -1,7 +1,9 @@
 """`mlx-serving serve`: argument parsing, and the real process from start to SIGTERM."""
 
 import argparse
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -76,6 +78,27 @@ def test_serve_generates_and_exits_0_on_sigterm(model_path, tmp_path):
     finally:
         stop_server(process, log)
     assert "shutting down" in log.read_text()
+
+
+def test_ctrl_c_to_the_process_group_lets_a_stream_finish(model_path, tmp_path):
+    """A terminal's Ctrl-C reaches the engine process too; the stream must still complete."""
+    log = tmp_path / "server.log"
+    process, address = start_server(["--model", f"tiny={model_path}"], log)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            request = generate_pb.GenerateRequest(
+                model_id="tiny", text="Hello", max_tokens=64, temperature=0, ignore_eos=True
+            )
+            stream = generate_grpc.GenerateServiceStub(channel).Generate(request)
+            responses = [next(stream)]
+            os.killpg(process.pid, signal.SIGINT)
+            responses += list(stream)
+        assert sum(len(r.token_ids) for r in responses) == 64
+        assert responses[-1].finish_reason == generate_pb.FINISH_REASON_MAX_TOKENS
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_serve_without_models_loads_the_built_in_model(tmp_path):

@@ -10,6 +10,7 @@ every event and every observer call together.
 
 import logging
 import pickle
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -546,6 +547,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def run_engine_process(
     config: EngineConfig, commands: Connection, results: Connection, stepping: Any, log_level: int
 ) -> None:
-    """The engine process's main: log as the server does, then run until told to stop."""
+    """The engine process's main: log as the server does, then run until told to stop.
+
+    Signals are the server's to handle: a Ctrl-C or a SIGTERM sent to the whole process group
+    must start a graceful shutdown, not kill the engine under the streams it should finish. The
+    engine still ends with the server: its command pipe closes when the server exits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     Scheduler(config, commands, results, stepping).run()
