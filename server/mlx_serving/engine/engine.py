@@ -140,9 +140,12 @@ class Engine:
         deadline = time.monotonic() + grace
         while self._active and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if not self._dead:
-            await self._call(Scheduler.abort_all, RequestAborted("the server is shutting down"))
-            self._post(Scheduler.stop)
+        # The process may die meanwhile (its streams then end with EngineUnavailable): still
+        # clean up below.
+        with contextlib.suppress(EngineUnavailable):
+            if not self._dead:
+                await self._call(Scheduler.abort_all, RequestAborted("the server is shutting down"))
+                self._post(Scheduler.stop)
         self._running = False
         self._watchdog.cancel()
         # A wedged process may never return: wait for it only a moment then.
@@ -277,7 +280,8 @@ class Engine:
             del self._tickets[ticket.rid]
             if not ticket.finished and not self._dead and self._running:
                 # FIFO commands: this runs after the admission, even if we left while awaiting it.
-                self._post(Scheduler.cancel, ticket.rid)
+                with contextlib.suppress(EngineUnavailable):  # a dead process runs nothing
+                    self._post(Scheduler.cancel, ticket.rid)
 
     # ---- events ----------------------------------------------------------------------
 
@@ -369,6 +373,7 @@ class Engine:
             except (EOFError, OSError):
                 break
             self._to_loop(self._receive, message)
+        self._process.join(1.0)  # here, not on the loop: its exit code, if it is exiting
         self._to_loop(self._process_ended)
 
     def _to_loop(self, fn: Callable, *args) -> None:
@@ -399,7 +404,6 @@ class Engine:
 
     def _process_ended(self) -> None:
         if self._running and not self._dead:
-            self._process.join(1.0)
             code = self._process.exitcode
             self._fail(f"the engine process exited unexpectedly (exit code {code})")
         self._stopped.set()
