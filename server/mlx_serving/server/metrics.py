@@ -4,7 +4,6 @@ Every name starts with `mlx_serving_`; engine metrics carry a `model` label. The
 hooks are replayed on the event loop once per batch step, so each hook is a few O(1) updates.
 """
 
-import threading
 from dataclasses import dataclass
 
 import grpc
@@ -101,23 +100,15 @@ class MetricsObserver(EngineObserver):
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
+        # Every hook, and `engine_stopped`, runs on the event loop: no lock needed.
         self._occupancy: dict[str, Occupancy] = {}
-        # Hooks and `engine_stopped` both run on the event loop today; the lock keeps the
-        # occupancy consistent should a hook ever be called from another thread.
-        self._lock = threading.Lock()
 
     def request_queued(self, model_id: str) -> None:
-        with self._lock:
-            occupancy = self._occupancy.setdefault(model_id, Occupancy())
-            occupancy.admitted += 1
-            self._set_gauges(model_id, occupancy)
+        self._adjust(model_id, admitted=1)
 
     def request_started(self, model_id: str, queue_seconds: float) -> None:
         self.metrics.queue_wait.labels(model_id).observe(queue_seconds)
-        with self._lock:
-            occupancy = self._occupancy.setdefault(model_id, Occupancy())
-            occupancy.running += 1
-            self._set_gauges(model_id, occupancy)
+        self._adjust(model_id, running=1)
 
     def first_token(self, model_id: str, seconds: float) -> None:
         self.metrics.time_to_first_token.labels(model_id).observe(seconds)
@@ -143,11 +134,7 @@ class MetricsObserver(EngineObserver):
         metrics.prompt_tokens.labels(model_id).inc(prompt_tokens)
         metrics.cached_prompt_tokens.labels(model_id).inc(cached_tokens)
         metrics.request_duration.labels(model_id).observe(seconds)
-        with self._lock:
-            occupancy = self._occupancy.setdefault(model_id, Occupancy())
-            occupancy.running -= started
-            occupancy.admitted -= 1
-            self._set_gauges(model_id, occupancy)
+        self._adjust(model_id, admitted=-1, running=-int(started))
 
     def step(self, model_id: str, batch_size: int, seconds: float) -> None:
         self.metrics.engine_step.labels(model_id).observe(seconds)
@@ -165,11 +152,16 @@ class MetricsObserver(EngineObserver):
 
     def engine_stopped(self) -> None:
         """The engine died: nothing runs or waits any more, and no model serves."""
-        with self._lock:
-            for model_id, occupancy in self._occupancy.items():
-                occupancy.admitted = occupancy.running = 0
-                self._set_gauges(model_id, occupancy)
+        for model_id, occupancy in self._occupancy.items():
+            occupancy.admitted = occupancy.running = 0
+            self._set_gauges(model_id, occupancy)
         self.metrics.models_loaded.set(0)
+
+    def _adjust(self, model_id: str, admitted: int = 0, running: int = 0) -> None:
+        occupancy = self._occupancy.setdefault(model_id, Occupancy())
+        occupancy.admitted += admitted
+        occupancy.running += running
+        self._set_gauges(model_id, occupancy)
 
     def _set_gauges(self, model_id: str, occupancy: Occupancy) -> None:
         self.metrics.queue_depth.labels(model_id).set(occupancy.queued)
