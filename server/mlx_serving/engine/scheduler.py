@@ -129,9 +129,12 @@ class Scheduler:
             self._reply("stopped")
 
     def _reply(self, *message: Any) -> None:
+        self._send_payload(pickle.dumps(message))
+
+    def _send_payload(self, payload: bytes) -> None:
         """To the facade; once it has gone (it closed the pipe) there is no one left to tell."""
         try:
-            self._results.send(message)
+            self._results.send_bytes(payload)
         except (BrokenPipeError, ConnectionResetError, EOFError):
             self.running = False
 
@@ -171,7 +174,7 @@ class Scheduler:
         except Exception as exc:  # a result or third-party error that cannot cross processes
             error = RuntimeError(f"{type(value).__name__}: {value}" if not ok else repr(exc))
             payload = pickle.dumps(("result", call_id, False, error))
-        self._results.send_bytes(payload)
+        self._send_payload(payload)
 
     def _send(self, sequence: Sequence, item: Any) -> None:
         """`item`: a final GenerationChunk, an error, or END (see `_advance` for the others)."""
