@@ -15,9 +15,26 @@ def sequences_held(scheduler: Scheduler) -> int:
     total = len(scheduler.sequences)
     for slot in scheduler.slots.values():
         generator = slot.generator
-        total += len(slot.sequences) + len(generator._unprocessed_sequences)
+        total += len(slot) + len(generator._unprocessed_sequences)
         total += len(generator._prompt_batch) + len(generator._generation_batch)
     return total
+
+
+def record_inserts(scheduler: Scheduler, model_id: str) -> None:
+    """From now on, remember how many sequences each insert into `model_id`'s batch brings."""
+    generator = scheduler.slots[model_id].generator
+    original = generator.insert
+    scheduler.inserted = []
+
+    def recording_insert(prompts, **kwargs):
+        scheduler.inserted.append(len(prompts))
+        return original(prompts, **kwargs)
+
+    generator.insert = recording_insert
+
+
+def inserted(scheduler: Scheduler) -> list[int]:
+    return scheduler.inserted
 
 
 def break_steps(scheduler: Scheduler, model_id: str) -> None:

@@ -142,6 +142,7 @@ def test_telemetry_boundaries_from_the_environment():
         ("engine.prefix_cache_entries", [0, 65536], [-1, 65537], between(0, 65536)),
         ("engine.retry_after_seconds", [0, 3600], [-1, 3601], between(0, 3600)),
         ("engine.wedge_timeout_seconds", [1, 86400], [0.5, 86401], between(1, 86400)),
+        ("engine.prefill_gather_seconds", [0, 1], [-0.001, 1.001], between(0, 1)),
         # Beyond the field's 32 or 64 bits: still reported by the range rule.
         ("engine.max_batch_size", [], [2**31, -(2**70)], between(1, 1024)),
         ("engine.prefix_cache_bytes", [], [2**64, 2**100], between(0, 2**40)),
@@ -232,7 +233,8 @@ def test_every_number_has_both_bounds():
             {"engine": {"max_batch": 4}},
             "engine.max_batch: unknown key (allowed: max_batch_size, max_queued_requests, "
             "prefill_batch_size, prefill_step_size, coalesce_seconds, prefix_cache_bytes, "
-            "prefix_cache_entries, retry_after_seconds, wedge_timeout_seconds)",
+            "prefix_cache_entries, retry_after_seconds, wedge_timeout_seconds, "
+            "prefill_gather_seconds)",
         ),
         (
             {

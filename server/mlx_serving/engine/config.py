@@ -15,6 +15,8 @@ class EngineConfig:
     prefill_step_size: int = 512
     # When idle, wait this long for more arrivals before the first step, to batch them.
     coalesce_seconds: float = 0.002
+    # While a batch runs, the longest an arrival waits for others to share its prefill.
+    prefill_gather_seconds: float = 0.005
     # KV-cache bytes kept for prefix reuse, counting the caches of the running batch.
     prefix_cache_bytes: int = 2 << 30
     # Most cached prefixes kept, whatever their size.

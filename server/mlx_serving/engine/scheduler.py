@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 END = "end"
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """Engine-process state of one request, known to the facade by its `rid`."""
 
@@ -59,6 +59,8 @@ class Sequence:
     detokenizer: StreamingDetokenizer
     stop_matcher: StopMatcher | None
     eos: frozenset[int]
+    # What the batch generator is given when the sequence joins it (see `_release`).
+    generator_args: dict = field(default_factory=dict)
     cached_tokens: int = 0
     arrival: float = field(default_factory=time.perf_counter)
     started: bool = False
@@ -75,7 +77,16 @@ class ModelSlot:
 
     loaded: LoadedModel
     generator: BatchGenerator
+    # In the generator, by its uid.
     sequences: dict[int, Sequence] = field(default_factory=dict)
+    # Admitted, gathering company for one shared prefill (see `_release`), oldest first.
+    waiting: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sequences) + len(self.waiting)
+
+    def held(self) -> list[Sequence]:
+        return [*self.sequences.values(), *self.waiting]
 
 
 class Scheduler:
@@ -116,7 +127,7 @@ class Scheduler:
                     self._take_commands()
                     self._stepping.value = time.monotonic()
                     for slot in list(self.slots.values()):
-                        if slot.sequences:
+                        if slot:
                             self._step(slot)
                     self._stepping.value = 0.0
                     self._report_status()
@@ -142,14 +153,14 @@ class Scheduler:
         self.running = False
 
     def _report_status(self) -> None:
-        active = sum(len(slot.sequences) for slot in self.slots.values())
+        active = sum(len(slot) for slot in self.slots.values())
         status = "busy" if active else "ready"
         if status != self._status:
             self._status = status
             self._publish(Event(RuntimeStatus(status, len(self.slots), active)))
 
     def _take_commands(self) -> None:
-        busy = any(slot.sequences for slot in self.slots.values())
+        busy = any(self.slots.values())
         if not busy:
             self._run_command(self._commands.recv())
             # Idle → busy: give concurrent arrivals a moment to join the first step.
@@ -207,7 +218,7 @@ class Scheduler:
 
     def unload(self, model_id: str) -> None:
         slot = self.slots.pop(model_id)
-        for sequence in list(slot.sequences.values()):
+        for sequence in slot.held():
             self._end(slot, sequence, RequestAborted(f"model {model_id!r} was unloaded"))
         slot.generator.close()
         del slot
@@ -248,16 +259,16 @@ class Scheduler:
             cached_tokens=cached,
         )
         stop_ids = sorted(eos | set(request.stop_token_ids))
-        (sequence.uid,) = slot.generator.insert(
-            [prompt[cached:]],
-            max_tokens=[max_tokens],
-            caches=[cache],
-            all_tokens=[prompt[:cached]],
-            samplers=[make_sampler(request.sampling)],
-            logits_processors=[make_logits_processors(request.sampling)],
-            stop_sequences=[StopSequences([[t] for t in stop_ids] or None)],
+        sequence.generator_args = dict(
+            prompts=prompt[cached:],
+            max_tokens=max_tokens,
+            caches=cache,
+            all_tokens=prompt[:cached],
+            samplers=make_sampler(request.sampling),
+            logits_processors=make_logits_processors(request.sampling),
+            stop_sequences=StopSequences([[t] for t in stop_ids] or None),
         )
-        slot.sequences[sequence.uid] = sequence
+        slot.waiting.append(sequence)
         self.sequences[rid] = sequence
         if not internal:
             self.observer.request_queued(request.model_id)
@@ -299,8 +310,38 @@ class Scheduler:
         self.prefix_cache.trim_to(n_bytes=self.config.prefix_cache_bytes - running)
         self.observer.prefix_cache_size(self.prefix_cache.nbytes)
 
+    def _release(self, slot: ModelSlot, now: float) -> None:
+        """Hand waiting sequences to the generator together, so they share one prefill.
+
+        A busy batch's finished sequences are replaced by requests that arrive a network round
+        trip apart; inserted one by one, each would cost a prefill pass and a join of its own
+        (host-bound work that stalls every running sequence). So arrivals wait for company:
+        until a full prefill batch (or every free slot) is waiting, or the oldest has waited
+        `prefill_gather_seconds`. An idle model starts at once (its arrivals were coalesced).
+        """
+        waiting = slot.waiting
+        if not waiting:
+            return
+        running = len(slot.sequences)
+        company = min(self.config.prefill_batch_size, self.config.max_batch_size - running)
+        if (
+            running
+            and len(waiting) < company
+            and now - waiting[0].arrival < self.config.prefill_gather_seconds
+        ):
+            return
+        slot.waiting = []
+        args = [sequence.generator_args for sequence in waiting]
+        uids = slot.generator.insert(
+            **{key: [a[key] for a in args] for key in args[0]},
+        )
+        for uid, sequence in zip(uids, waiting, strict=True):
+            sequence.uid, sequence.generator_args = uid, {}
+            slot.sequences[uid] = sequence
+
     def _step(self, slot: ModelSlot) -> None:
         started = time.perf_counter()
+        self._release(slot, started)
         prompt_responses, responses = slot.generator.next()
         now = time.perf_counter()
         model_id = slot.loaded.info.model_id
@@ -395,8 +436,12 @@ class Scheduler:
         if sequence is None:
             return
         slot = self.slots.get(sequence.request.model_id)
-        if slot is not None and slot.sequences.get(sequence.uid) is sequence:
+        if slot is None:
+            return
+        if slot.sequences.get(sequence.uid) is sequence:
             slot.generator.remove([sequence.uid])
+            self._end(slot, sequence, None, FinishReason.CANCELLED)
+        elif sequence in slot.waiting:
             self._end(slot, sequence, None, FinishReason.CANCELLED)
 
     def _end(
@@ -408,7 +453,10 @@ class Scheduler:
         usage: Usage | None = None,
     ) -> None:
         """Forget a sequence and tell its reader (unless it already left)."""
-        del slot.sequences[sequence.uid]
+        if slot.sequences.get(sequence.uid) is sequence:
+            del slot.sequences[sequence.uid]
+        else:
+            slot.waiting.remove(sequence)
         self.sequences.pop(sequence.rid, None)
         if final is not None:
             self._send(sequence, final)
@@ -441,8 +489,8 @@ class Scheduler:
 
     def abort_all(self, error: Exception) -> None:
         for slot in self.slots.values():
-            for sequence in list(slot.sequences.values()):
-                slot.generator.remove([sequence.uid])
+            slot.generator.remove(list(slot.sequences))
+            for sequence in slot.held():
                 self._end(slot, sequence, error)
 
 
