@@ -46,6 +46,7 @@ RAW, ENGINE, MLX_SERVING, MLX_LM_SERVER = "raw", "engine", "mlx_serving", "mlx_l
 # between the engine and the wire.
 BACKENDS = (RAW, ENGINE, MLX_SERVING, MLX_LM_SERVER)
 MODEL_ID = "bench"
+FUSE_ENV = "MLX_SERVING_ENGINE_FUSE_PROJECTIONS"
 HOST = "127.0.0.1"
 LISTENING = re.compile(r"mlx-serving listening on (\S+):(\d+)")
 # Warm-up: short prompts (prefill is slow on CPU), enough decode steps to reach every batch size.
@@ -518,20 +519,26 @@ async def post_sse(host: str, port: int, path: str, payload: dict):
 
 
 class RawBackend:
-    """mlx-lm's BatchGenerator with the engine's batch settings and no wire: the ceiling."""
+    """mlx-lm's BatchGenerator with the engine's batch settings and no wire: the ceiling.
+
+    It runs the model as the engine does, fused projections included, so that (2)/(1) is what
+    the engine and the wire cost.
+    """
 
     name = RAW
 
-    def __init__(self, model: Path):
+    def __init__(self, model: Path, config):
         self.model_path = model
+        self.config = config
 
     async def __aenter__(self) -> RawBackend:
         from mlx_lm import load
 
-        from mlx_serving.engine.config import EngineConfig
+        from mlx_serving.engine.fusion import fuse_projections
 
         self.model, _ = load(str(self.model_path))
-        self.config = EngineConfig()
+        if self.config.fuse_projections:
+            fuse_projections(self.model)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -593,14 +600,15 @@ class EngineBackend:
 
     name = ENGINE
 
-    def __init__(self, model: Path):
+    def __init__(self, model: Path, config):
         self.model_path = model
+        self.config = config
 
     async def __aenter__(self) -> EngineBackend:
         from mlx_serving.engine.engine import Engine
         from mlx_serving.engine.models import ModelSource
 
-        self.engine = Engine()
+        self.engine = Engine(self.config)
         await self.engine.start()
         await self.engine.load_model(ModelSource(local_path=str(self.model_path)), MODEL_ID)
         return self
@@ -770,15 +778,20 @@ def format_cpu(r: LevelResult) -> str:
 
 
 def make_backends(args, model: Path) -> list:
+    from mlx_serving.engine.config import EngineConfig
+
+    config = EngineConfig(fuse_projections=args.fuse)
+    # The server subprocess reads its engine settings from the environment it inherits.
+    os.environ[FUSE_ENV] = str(args.fuse).lower()
     backends = []
     if MLX_LM_SERVER not in args.skip:
         backends.append(MlxLmServerBackend(model, args.startup_timeout))
     if MLX_SERVING not in args.skip:
         backends.append(MlxServingBackend(model, args.startup_timeout, args.server_arg))
     if RAW not in args.skip:
-        backends.append(RawBackend(model))
+        backends.append(RawBackend(model, config))
     if ENGINE not in args.skip:
-        backends.append(EngineBackend(model))
+        backends.append(EngineBackend(model, config))
     return backends
 
 
@@ -834,6 +847,12 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         "--skip", type=name_list, action="extend", default=[], help=",".join(BACKENDS)
     )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="run mlx-serving and raw without fused projections (engine.fuse_projections)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
         "--server-arg",

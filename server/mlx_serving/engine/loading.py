@@ -13,6 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import get_total_parameters, load
 
 from .errors import ModelLoadFailed, ModelSourceNotFound
+from .fusion import fuse_projections
 from .models import ModelInfo, ModelSource, ModelState, Quantization
 
 
@@ -54,12 +55,14 @@ def resolve_model_path(source: ModelSource) -> Path:
         ) from None
 
 
-def load_model(source: ModelSource, model_id: str) -> LoadedModel:
+def load_model(source: ModelSource, model_id: str, fuse: bool = False) -> LoadedModel:
     path = resolve_model_path(source)
     try:
         model, tokenizer, config = load(str(path), return_config=True)
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    if fuse:
+        fuse_projections(model)
     info = describe_model(model_id, source, model, tokenizer, config)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, path=path)
 

@@ -201,7 +201,7 @@ class Scheduler:
 
     def load(self, source: ModelSource, model_id: str) -> tuple[ModelInfo, str]:
         started = time.perf_counter()
-        loaded = load_model(source, model_id)
+        loaded = load_model(source, model_id, fuse=self.config.fuse_projections)
         eos = sorted(loaded.tokenizer.eos_token_ids)
         generator = BatchGenerator(
             loaded.model,
