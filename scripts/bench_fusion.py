@@ -42,6 +42,21 @@ def tok_s(model, config, prompts, concurrency, max_tokens) -> float:
     return sum(r.tokens for r in done) / wall
 
 
+def check_outputs(models, tokenizer, prompt_tokens) -> None:
+    """Both models' logits over the same prompts: how far apart, and whether the argmax agrees."""
+    import mlx.core as mx
+
+    prompts = mx.array([p.ids for p in make_prompts(tokenizer, 8, prompt_tokens, seed=2)])
+    plain, fused = (models[name](prompts).astype(mx.float32) for name in ("plain", "fused"))
+    same = (plain.argmax(-1) == fused.argmax(-1)).mean().item()
+    print(
+        f"logits over {prompts.size} positions: max |fused - plain| "
+        f"{mx.abs(fused - plain).max().item():.3g} (largest |plain| "
+        f"{mx.abs(plain).max().item():.3g}); argmax agrees at {same:.1%}",
+        flush=True,
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
@@ -65,13 +80,15 @@ def main(argv=None) -> int:
     config = EngineConfig()
     models = {"plain": load(str(path))[0], "fused": load(str(path))[0]}
     print(f"model {path}: {fuse_projections(models['fused'])} modules fused", flush=True)
+    check_outputs(models, load_tokenizer(path), args.prompt_tokens)
     counts = {c: args.requests_per_level or 3 * c for c in args.concurrency}
     total = (args.rounds + 1) * sum(counts.values())
     pool = iter(make_prompts(load_tokenizer(path), total, args.prompt_tokens))
     runs: dict[int, dict[str, list[float]]] = {}
     for c in args.concurrency:
-        for model in models.values():  # warm-up: every shape of this level, compiled once
-            tok_s(model, config, [next(pool) for _ in range(counts[c])], c, args.max_tokens)
+        warmup = [next(pool) for _ in range(counts[c])]
+        for model in models.values():  # every shape of this level, compiled once
+            tok_s(model, config, warmup, c, args.max_tokens)
         runs[c] = {name: [] for name in models}
         for i in range(args.rounds):
             order = list(models) if i % 2 == 0 else list(models)[::-1]

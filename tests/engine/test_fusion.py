@@ -54,8 +54,22 @@ def test_the_test_model_fuses_and_keeps_its_outputs(model_path):
     assert mx.allclose(logits_in_two_calls(plain), logits_in_two_calls(fused), atol=1e-4)
 
 
+LLAMA3_ROPE = {
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "max_position_embeddings": 131072,
+}
+
+
 @pytest.mark.parametrize(
-    "overrides", [{}, {"attention_bias": True, "mlp_bias": True}], ids=["plain", "biases"]
+    "overrides",
+    [{}, {"attention_bias": True, "mlp_bias": True}, LLAMA3_ROPE, {"rope_traditional": True}],
+    ids=["plain", "biases", "llama3-rope", "traditional-rope"],
 )
 def test_fused_layers_compute_the_same(overrides):
     plain = small_llama(**overrides)

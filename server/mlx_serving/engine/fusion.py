@@ -1,8 +1,9 @@
-"""Fewer, wider matmuls for Llama-family layers: q/k/v as one projection, gate/up as another.
+"""Fewer, wider kernels for Llama-family layers: q/k/v as one projection, gate/up as another.
 
 A batched decode step is bound by the host launching kernels, not by the device running them,
 and a matmul is the dearest kernel to launch. Concatenating the weights of projections that read
-the same input turns five matmuls per layer into two, computing the same dot products.
+the same input turns five matmuls per layer into two, computing the same dot products; the
+queries and keys then take their rotary embedding in one call instead of two.
 Only modules of exactly mlx-lm's Llama classes are touched: any other architecture is left as
 it was loaded.
 """
@@ -18,16 +19,12 @@ class FusedAttention(llama.Attention):
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
-        queries, keys, values = mx.split(
-            qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1
-        )
+        qk, values = mx.split(qkv, [self.n_heads + self.n_kv_heads], axis=1)
+        # Heads are independent under RoPE: queries and keys rotate in one kernel.
+        qk = self.rope(qk) if cache is None else self.rope(qk, offset=cache.offset)
+        queries, keys = mx.split(qk, [self.n_heads], axis=1)
         if cache is not None:
-            queries = self.rope(queries, offset=cache.offset)
-            keys = self.rope(keys, offset=cache.offset)
             keys, values = cache.update_and_fetch(keys, values)
-        else:
-            queries = self.rope(queries)
-            keys = self.rope(keys)
         output = scaled_dot_product_attention(
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
