@@ -1,15 +1,34 @@
-"""Fused projections compute what mlx-lm's separate ones do, and touch only Llama layers."""
+"""Fused projections compute what mlx-lm's separate ones do, and touch only the layers they know."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load
-from mlx_lm.models import llama, qwen3
+from mlx_lm.models import gemma, llama, qwen2, qwen3
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_serving.engine.fusion import FusedAttention, FusedMLP, fuse_projections
+from mlx_serving.engine.fusion import (
+    FusedAttention,
+    FusedMLP,
+    FusedQwen2Attention,
+    FusedQwen3Attention,
+    fuse_projections,
+)
 from mlx_serving.engine.loading import load_model
 from mlx_serving.engine.models import ModelSource
+
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=1024,
+    rope_theta=10000.0,
+)
+
 
 TOKENS = mx.array([[1, 5, 9, 200, 300, 17, 44, 1000], [3, 3, 3, 3, 2, 900, 12, 7]])
 
@@ -22,17 +41,16 @@ def logits_in_two_calls(model):
 
 
 def small_llama(**overrides) -> llama.Model:
-    args = dict(
-        model_type="llama",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=1024,
-    )
-    model = llama.Model(llama.ModelArgs(**(args | overrides)))
+    args = llama.ModelArgs(model_type="llama", **(SHAPE | overrides))
+    return randomized(llama.Model(args))
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """Every parameter random, norms included (they start as ones, which hides a mix-up)."""
+    flat = tree_flatten(model.parameters())
+    keys = mx.random.split(mx.random.key(7), len(flat))
+    values = [mx.random.normal(p.shape, key=k) * 0.2 for (_, p), k in zip(flat, keys, strict=True)]
+    model.update(tree_unflatten([(name, v) for (name, _), v in zip(flat, values, strict=True)]))
     mx.eval(model.parameters())
     return model
 
@@ -97,22 +115,37 @@ def test_mixed_projection_kinds_are_left_alone():
     assert type(model.model.layers[0].self_attn) is llama.Attention
 
 
-def test_other_architectures_are_served_as_loaded():
+def small_qwen2() -> qwen2.Model:
+    return qwen2.Model(qwen2.ModelArgs(model_type="qwen2", **SHAPE))
+
+
+def small_qwen3() -> qwen3.Model:
     args = qwen3.ModelArgs(
         model_type="qwen3",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=1024,
+        **SHAPE,
         max_position_embeddings=512,
-        rope_theta=10000.0,
         head_dim=16,
         tie_word_embeddings=True,
     )
-    model = qwen3.Model(args)
+    return qwen3.Model(args)
+
+
+@pytest.mark.parametrize(
+    "make, attention",
+    [(small_qwen2, FusedQwen2Attention), (small_qwen3, FusedQwen3Attention)],
+    ids=["qwen2", "qwen3"],
+)
+def test_qwen_layers_fuse_and_compute_the_same(make, attention):
+    plain = randomized(make())
+    fused = copy_of(plain, make)
+    assert fuse_projections(fused) == 4
+    assert type(fused.model.layers[0].self_attn) is attention
+    assert mx.allclose(logits_in_two_calls(plain), logits_in_two_calls(fused), atol=1e-4)
+
+
+def test_other_architectures_are_served_as_loaded():
+    args = gemma.ModelArgs(model_type="gemma", **SHAPE, head_dim=16)
+    model = gemma.Model(args)
     before = logits_in_two_calls(model)
     assert fuse_projections(model) == 0
     assert mx.array_equal(before, logits_in_two_calls(model))

@@ -17,7 +17,7 @@ class EngineConfig:
     coalesce_seconds: float = 0.002
     # While a batch runs, the longest an arrival waits for others to share its prefill.
     prefill_gather_seconds: float = 0.005
-    # Llama-family q/k/v and gate/up projections run as one matmul each: fewer kernel launches
+    # Llama/Qwen q/k/v and gate/up projections run as one matmul each: fewer kernel launches
     # per decode step, the same dot products.
     fuse_projections: bool = True
     # KV-cache bytes kept for prefix reuse, counting the caches of the running batch.

@@ -1,40 +1,91 @@
-"""Fewer, wider kernels for Llama-family layers: q/k/v as one projection, gate/up as another.
+"""Fewer, wider kernels for Llama and Qwen layers: q/k/v as one projection, gate/up as another.
 
 A batched decode step is bound by the host launching kernels, not by the device running them,
 and a matmul is the dearest kernel to launch. Concatenating the weights of projections that read
-the same input turns five matmuls per layer into two, computing the same dot products; the
-queries and keys then take their rotary embedding in one call instead of two.
-Only modules of exactly mlx-lm's Llama classes are touched: any other architecture is left as
-it was loaded.
+the same input turns five matmuls per layer into two, computing the same dot products; where
+nothing stands between the projection and RoPE (Llama, Qwen2), queries and keys then take their
+rotary embedding in one call instead of two. Only modules of exactly mlx-lm's Llama, Qwen2 and
+Qwen3 classes are touched: any other architecture is left as it was loaded.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 
 
+def split_heads(self, x: mx.array) -> mx.array:
+    """(B, L, (H + 2 Hkv) D) → (B, L, H + 2 Hkv, D)."""
+    B, L, _ = x.shape
+    return self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, -1)
+
+
+def rotate(self, x: mx.array, cache) -> mx.array:
+    return self.rope(x) if cache is None else self.rope(x, offset=cache.offset)
+
+
+def attend(self, queries, keys, values, mask, cache) -> mx.array:
+    if cache is not None:
+        keys, values = cache.update_and_fetch(keys, values)
+    output = scaled_dot_product_attention(
+        queries, keys, values, cache=cache, scale=self.scale, mask=mask
+    )
+    B, _, L, _ = output.shape
+    return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
 class FusedAttention(llama.Attention):
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
+        qkv = split_heads(self, x).transpose(0, 2, 1, 3)
         qk, values = mx.split(qkv, [self.n_heads + self.n_kv_heads], axis=1)
         # Heads are independent under RoPE: queries and keys rotate in one kernel.
-        qk = self.rope(qk) if cache is None else self.rope(qk, offset=cache.offset)
-        queries, keys = mx.split(qk, [self.n_heads], axis=1)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-        output = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
+        queries, keys = mx.split(rotate(self, qk, cache), [self.n_heads], axis=1)
+        return attend(self, queries, keys, values, mask, cache)
+
+
+class FusedQwen2Attention(qwen2.Attention):
+    __call__ = FusedAttention.__call__
+
+
+class FusedQwen3Attention(qwen3.Attention):
+    """Queries and keys have norms of their own before RoPE, so they rotate apart."""
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
+        queries, keys, values = mx.split(
+            split_heads(self, x), [self.n_heads, self.n_heads + self.n_kv_heads], axis=2
         )
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        queries = rotate(self, self.q_norm(queries).transpose(0, 2, 1, 3), cache)
+        keys = rotate(self, self.k_norm(keys).transpose(0, 2, 1, 3), cache)
+        return attend(self, queries, keys, values.transpose(0, 2, 1, 3), mask, cache)
+
+
+def fused_mlp_call(self, x: mx.array) -> mx.array:
+    gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+    return self.down_proj(swiglu(gate, up))
 
 
 class FusedMLP(llama.MLP):
-    def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(swiglu(gate, up))
+    __call__ = fused_mlp_call
+
+
+class FusedQwen2MLP(qwen2.MLP):
+    __call__ = fused_mlp_call
+
+
+class FusedQwen3MLP(qwen3.MLP):
+    __call__ = fused_mlp_call
+
+
+# mlx-lm class → (its projections to concatenate, the fused layer's name, the fused class)
+FUSIONS = {
+    llama.Attention: (("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedAttention),
+    qwen2.Attention: (("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedQwen2Attention),
+    qwen3.Attention: (("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedQwen3Attention),
+    llama.MLP: (("gate_proj", "up_proj"), "gate_up_proj", FusedMLP),
+    qwen2.MLP: (("gate_proj", "up_proj"), "gate_up_proj", FusedQwen2MLP),
+    qwen3.MLP: (("gate_proj", "up_proj"), "gate_up_proj", FusedQwen3MLP),
+}
 
 
 def concatenate_linears(linears: list[nn.Module]) -> nn.Module | None:
@@ -62,22 +113,18 @@ def concatenate_linears(linears: list[nn.Module]) -> nn.Module | None:
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Fuses every Llama attention and MLP found in `model` in place; returns how many."""
+    """Fuses every attention and MLP of a known class in `model`, in place; returns how many."""
     fused = 0
     for _, module in model.named_modules():
-        if type(module) is llama.Attention:
-            layer = concatenate_linears([module.q_proj, module.k_proj, module.v_proj])
-            if layer is not None:
-                for name in ("q_proj", "k_proj", "v_proj"):
-                    del module[name]
-                module.qkv_proj = layer
-                module.__class__ = FusedAttention
-                fused += 1
-        elif type(module) is llama.MLP:
-            layer = concatenate_linears([module.gate_proj, module.up_proj])
-            if layer is not None:
-                del module["gate_proj"], module["up_proj"]
-                module.gate_up_proj = layer
-                module.__class__ = FusedMLP
-                fused += 1
+        if type(module) not in FUSIONS:
+            continue
+        names, fused_name, fused_class = FUSIONS[type(module)]
+        layer = concatenate_linears([module[name] for name in names])
+        if layer is None:
+            continue
+        for name in names:
+            del module[name]
+        module[fused_name] = layer
+        module.__class__ = fused_class
+        fused += 1
     return fused
