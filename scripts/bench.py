@@ -120,6 +120,8 @@ class LevelResult:
     tok_s: float
     tok_s_min: float
     tok_s_max: float
+    # Round by round, in the order run: a ratio of two backends' same round is paired in time.
+    tok_s_rounds: list[float]
     # Over every request of every round.
     ttft_p50_ms: float
     ttft_p95_ms: float
@@ -150,6 +152,7 @@ def summarize(backend: str, concurrency: int, rounds: list[Round], max_tokens: i
         tok_s=float(np.median(tok_s)),
         tok_s_min=min(tok_s),
         tok_s_max=max(tok_s),
+        tok_s_rounds=tok_s,
         ttft_p50_ms=percentile(ttft, 50),
         ttft_p95_ms=percentile(ttft, 95),
         itl_p50_ms=percentile(itl, 50),
@@ -709,6 +712,13 @@ def ratio(a: LevelResult | None, b: LevelResult | None, attr: str) -> float | No
     return getattr(a, attr) / getattr(b, attr)
 
 
+def paired_ratios(a: LevelResult | None, b: LevelResult | None) -> list[float]:
+    """a/b tok/s within each round: drift between rounds, large on a shared host, cancels."""
+    if a is None or b is None:
+        return []
+    return [x / y for x, y in zip(a.tok_s_rounds, b.tok_s_rounds, strict=True) if y]
+
+
 def level_checks(c: int, rows: dict[str, LevelResult]) -> list[dict]:
     """The issue's targets that apply at this concurrency."""
     ours, raw, peer = rows.get(MLX_SERVING), rows.get(RAW), rows.get(MLX_LM_SERVER)
@@ -754,6 +764,11 @@ def format_level(c: int, rows: dict[str, LevelResult], plan: Plan, checks: list[
         )
         if toks is not None:
             lines.append(f"mlx_serving/{peer}: tok/s x{toks:.3f}, TTFT p50 x{ttft:.3f}")
+    if (paired := paired_ratios(ours, rows.get(RAW))) and len(paired) > 1:
+        rounds = ", ".join(f"{r:.2f}" for r in paired)
+        lines.append(
+            f"mlx_serving/raw round by round: {rounds} (median {float(np.median(paired)):.3f})"
+        )
     for item in checks:
         verdict = "PASS" if item["pass"] else "FAIL"
         lines.append(f"[{verdict}] {item['name']} = {item['value']:.3f} (target {item['target']})")
