@@ -16,7 +16,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 
 def split_heads(self, x: mx.array) -> mx.array:
-    """(B, L, (H + 2 Hkv) D) → (B, L, H + 2 Hkv, D)."""
+    """The fused projection of x, one row per head: (B, L, H + 2 Hkv, head_dim)."""
     B, L, _ = x.shape
     return self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, -1)
 
