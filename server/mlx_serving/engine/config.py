@@ -20,6 +20,9 @@ class EngineConfig:
     # Llama/Qwen q/k/v and gate/up projections run as one matmul each: fewer kernel launches
     # per decode step, the same dot products.
     fuse_projections: bool = True
+    # On CUDA, a fused model's decode attention runs as one kernel of ours rather than MLX's
+    # masked fallback (see decode_attention.py).
+    decode_attention_kernel: bool = True
     # KV-cache bytes kept for prefix reuse, counting the caches of the running batch.
     prefix_cache_bytes: int = 2 << 30
     # Most cached prefixes kept, whatever their size.

@@ -14,6 +14,8 @@ from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from . import decode_attention
+
 
 def split_heads(self, x: mx.array) -> mx.array:
     """The fused projection of x, one row per head: (B, L, H + 2 Hkv, head_dim)."""
@@ -28,6 +30,11 @@ def rotate(self, x: mx.array, cache) -> mx.array:
 def attend(self, queries, keys, values, mask, cache) -> mx.array:
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
+    if self.decode_kernel and decode_attention.applies(queries, keys, cache):
+        output = decode_attention.decode_attention(
+            queries, keys, values, cache.left_padding, self.scale
+        )
+        return self.o_proj(output)
     output = scaled_dot_product_attention(
         queries, keys, values, cache=cache, scale=self.scale, mask=mask
     )
@@ -36,6 +43,8 @@ def attend(self, queries, keys, values, mask, cache) -> mx.array:
 
 
 class FusedAttention(llama.Attention):
+    decode_kernel = True
+
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         qkv = split_heads(self, x).transpose(0, 2, 1, 3)
         qk, values = mx.split(qkv, [self.n_heads + self.n_kv_heads], axis=1)
@@ -45,11 +54,14 @@ class FusedAttention(llama.Attention):
 
 
 class FusedQwen2Attention(qwen2.Attention):
+    decode_kernel = True
     __call__ = FusedAttention.__call__
 
 
 class FusedQwen3Attention(qwen3.Attention):
     """Queries and keys have norms of their own before RoPE, so they rotate apart."""
+
+    decode_kernel = True
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         queries, keys, values = mx.split(
@@ -112,8 +124,11 @@ def concatenate_linears(linears: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
-def fuse_projections(model: nn.Module) -> int:
-    """Fuses every attention and MLP of a known class in `model`, in place; returns how many."""
+def fuse_projections(model: nn.Module, decode_kernel: bool = True) -> int:
+    """Fuses every attention and MLP of a known class in `model`, in place; returns how many.
+
+    `decode_kernel`: whether fused attention may use decode_attention's kernel (CUDA only).
+    """
     fused = 0
     for _, module in model.named_modules():
         if type(module) not in FUSIONS:
@@ -126,5 +141,7 @@ def fuse_projections(model: nn.Module) -> int:
             del module[name]
         module[fused_name] = layer
         module.__class__ = fused_class
+        if not decode_kernel and hasattr(fused_class, "decode_kernel"):
+            module.decode_kernel = False
         fused += 1
     return fused

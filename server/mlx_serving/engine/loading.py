@@ -55,14 +55,16 @@ def resolve_model_path(source: ModelSource) -> Path:
         ) from None
 
 
-def load_model(source: ModelSource, model_id: str, fuse: bool = False) -> LoadedModel:
+def load_model(
+    source: ModelSource, model_id: str, fuse: bool = False, decode_kernel: bool = True
+) -> LoadedModel:
     path = resolve_model_path(source)
     try:
         model, tokenizer, config = load(str(path), return_config=True)
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from None
     if fuse:
-        fuse_projections(model)
+        fuse_projections(model, decode_kernel=decode_kernel)
     info = describe_model(model_id, source, model, tokenizer, config)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, path=path)
 

@@ -201,7 +201,12 @@ class Scheduler:
 
     def load(self, source: ModelSource, model_id: str) -> tuple[ModelInfo, str]:
         started = time.perf_counter()
-        loaded = load_model(source, model_id, fuse=self.config.fuse_projections)
+        loaded = load_model(
+            source,
+            model_id,
+            fuse=self.config.fuse_projections,
+            decode_kernel=self.config.decode_attention_kernel,
+        )
         eos = sorted(loaded.tokenizer.eos_token_ids)
         generator = BatchGenerator(
             loaded.model,
