@@ -13,6 +13,7 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # Sent to a request's reader to end it.
 END = "end"
+
+# Steps with fewer tokens than this render them on the engine thread: a hand-off to the
+# rendering thread costs more than it saves.
+RENDER_THREAD_ROWS = 4
 
 
 @dataclass(eq=False)
@@ -81,6 +86,8 @@ class ModelSlot:
     sequences: dict[int, Sequence] = field(default_factory=dict)
     # Admitted, gathering company for one shared prefill (see `_release`), oldest first.
     waiting: list[Sequence] = field(default_factory=list)
+    # The last step's tokens and when they came, handled during the next step (see `_step`).
+    pending: tuple[list, float] | None = None
 
     def __len__(self) -> int:
         return len(self.sequences) + len(self.waiting)
@@ -121,6 +128,7 @@ class Scheduler:
 
     def run(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
+        self._renderer = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-render")
         try:
             with mx.stream(self._stream):
                 while self.running:
@@ -137,6 +145,7 @@ class Scheduler:
             self.deliver()  # what was already decided, such as events of admitted requests
             self._reply("failed", f"engine loop died: {type(exc).__name__}")
         finally:
+            self._renderer.shutdown()
             self._reply("stopped")
 
     def _reply(self, *message: Any) -> None:
@@ -345,23 +354,48 @@ class Scheduler:
             slot.sequences[uid] = sequence
 
     def _step(self, slot: ModelSlot) -> None:
+        """Launch the next batch step, and meanwhile turn the previous step's tokens into text.
+
+        The step is bound by the host: building and launching its graph. mlx-lm's `next()`
+        releases the GIL while MLX launches the step and waits for the one before, so the
+        previous step's detokenizing and stop matching run then, on the rendering thread,
+        instead of after. Tokens thus reach readers one step later, and a sequence that a stop
+        string ends has computed one token more, which nobody sees.
+        """
         started = time.perf_counter()
         self._release(slot, started)
+        rows, now = self._pending_rows(slot)
+        rendering = None
+        if len(rows) >= RENDER_THREAD_ROWS:
+            rendering = self._renderer.submit(render_rows, slot.loaded.tokenizer, rows)
         prompt_responses, responses = slot.generator.next()
-        now = time.perf_counter()
-        model_id = slot.loaded.info.model_id
-        self.observer.step(model_id, len(responses), now - started)
+        finished = time.perf_counter()
+        self.observer.step(slot.loaded.info.model_id, len(responses), finished - started)
         for response in prompt_responses:
             sequence = slot.sequences.get(response.uid)
             if sequence is not None and not sequence.started:
-                self._mark_started(sequence, now)
+                self._mark_started(sequence, finished)
+        rendered = rendering.result() if rendering else render_rows(slot.loaded.tokenizer, rows)
+        for (sequence, response), text in zip(rows, rendered, strict=True):
+            self._advance(slot, sequence, response, now, text)
+        slot.pending = (responses, finished) if responses else None
+
+    def _pending_rows(self, slot: ModelSlot) -> tuple[list[tuple[Sequence, Any]], float]:
+        """The last step's tokens of sequences still running, and when they came."""
+        if slot.pending is None:
+            return [], 0.0
+        (responses, now), slot.pending = slot.pending, None
+        rows = []
         for response in responses:
             sequence = slot.sequences.get(response.uid)
             if sequence is not None:
-                self._advance(slot, sequence, response, now)
+                rows.append((sequence, response))
+        return rows, now
 
-    def _advance(self, slot: ModelSlot, sequence: Sequence, response: Any, now: float) -> None:
-        """One new token of one sequence: detokenize, match stops, emit, maybe finish."""
+    def _advance(
+        self, slot: ModelSlot, sequence: Sequence, response: Any, now: float, rendered: tuple
+    ) -> None:
+        """One new token of one sequence, already rendered: account, emit, maybe finish."""
         sequence.completion_tokens += 1
         model_id = sequence.request.model_id
         if sequence.completion_tokens == 1:
@@ -373,22 +407,7 @@ class Scheduler:
         elif not sequence.internal:
             self.observer.tokens(model_id, 1, now - sequence.last_token_time)
         sequence.last_token_time = now
-        finish, matched = finish_reason(response, sequence), ""
-        stopped_by_token = response.finish_reason == "stop"
-        if stopped_by_token and finish is FinishReason.STOP_SEQUENCE:
-            matched = slot.loaded.tokenizer.decode([response.token])
-        if stopped_by_token and not (matched and sequence.request.include_stop):
-            text, ids = "", ()
-        else:
-            text, ids = sequence.detokenizer.add_token(response.token), (response.token,)
-        if finish is not None:
-            text += sequence.detokenizer.finalize()
-        if sequence.stop_matcher is not None:
-            text, stop = sequence.stop_matcher.feed(text)
-            if stop is not None:
-                finish, matched = FinishReason.STOP_SEQUENCE, stop
-            elif finish is not None:
-                text += sequence.stop_matcher.flush()
+        text, ids, finish, matched = rendered
         if self.token_events and not sequence.internal:
             self._publish_token(sequence, response, text, finish is not None)
         if finish is None:
@@ -543,6 +562,36 @@ def token_id_violations(ids: list[int], vocab_size: int, field: str) -> list[Fie
         for i, t in enumerate(ids)
         if t >= vocab_size
     ]
+
+
+def render_rows(tokenizer, rows: list[tuple[Sequence, Any]]) -> list[tuple]:
+    """`render` of every row; runs on the rendering thread while the engine thread steps."""
+    return [render(tokenizer, sequence, response) for sequence, response in rows]
+
+
+def render(tokenizer, sequence: Sequence, response: Any) -> tuple:
+    """A new token as its reader sees it: (text, token ids, finish reason, matched stop).
+
+    Touches only the sequence's detokenizer and stop matcher, which nothing else uses while a
+    step is in flight.
+    """
+    finish, matched = finish_reason(response, sequence), ""
+    stopped_by_token = response.finish_reason == "stop"
+    if stopped_by_token and finish is FinishReason.STOP_SEQUENCE:
+        matched = tokenizer.decode([response.token])
+    if stopped_by_token and not (matched and sequence.request.include_stop):
+        text, ids = "", ()
+    else:
+        text, ids = sequence.detokenizer.add_token(response.token), (response.token,)
+    if finish is not None:
+        text += sequence.detokenizer.finalize()
+    if sequence.stop_matcher is not None:
+        text, stop = sequence.stop_matcher.feed(text)
+        if stop is not None:
+            finish, matched = FinishReason.STOP_SEQUENCE, stop
+        elif finish is not None:
+            text += sequence.stop_matcher.flush()
+    return text, ids, finish, matched
 
 
 def finish_reason(response: Any, sequence: Sequence) -> FinishReason | None:
