@@ -4,6 +4,7 @@ import asyncio
 
 import mlx_lm
 import pytest
+from engine_probes import wait_until_idle
 
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.engine import Engine
@@ -58,6 +59,26 @@ async def test_a_stop_string_spanning_tokens_cuts_the_text_and_is_reported(engin
         include_stop=True,
     )
     assert (await run(engine, included))[0] == expected + stop
+
+
+async def test_stop_strings_end_sequences_alike_inside_a_busy_batch(engine):
+    """Eight sequences with stops: their tokens are rendered on the engine's rendering thread."""
+    prompts = ["Hello world", "1 2 3 4", "def f():", "Once upon", "abc", "xyz", "The end", "Q:"]
+    alone = [await greedy_text(engine, prompt) for prompt in prompts]
+    stops = [full[len(full) // 2 : len(full) // 2 + 2] for full, _, _ in alone]
+    requests = [
+        GenerationRequest(MODEL_ID, text=p, max_tokens=40, sampling=GREEDY, stop=(stop,))
+        for p, stop in zip(prompts, stops, strict=True)
+    ]
+    together = await asyncio.gather(*(run(engine, request) for request in requests))
+    for (full, ids, _), stop, (text, _, chunks) in zip(alone, stops, together, strict=True):
+        assert text == full[: full.index(stop)]
+        assert chunks[-1].finish_reason is FinishReason.STOP_SEQUENCE
+        assert chunks[-1].matched_stop == stop
+        emitted = [t for c in chunks for t in c.token_ids]
+        assert emitted == ids[: len(emitted)]
+        assert chunks[-1].usage.completion_tokens == len(emitted)
+    await wait_until_idle(engine)
 
 
 async def test_stop_token_ids_and_ignore_eos(engine, reference):

@@ -357,40 +357,39 @@ class Scheduler:
         """Launch the next batch step, and meanwhile turn the previous step's tokens into text.
 
         The step is bound by the host: building and launching its graph. mlx-lm's `next()`
-        releases the GIL while MLX launches the step and waits for the one before, so the
-        previous step's detokenizing and stop matching run then, on the rendering thread,
-        instead of after. Tokens thus reach readers one step later, and a sequence that a stop
-        string ends has computed one token more, which nobody sees.
+        releases the GIL while MLX launches the step and waits for the one before, so a busy
+        step's detokenizing and stop matching run then, on the rendering thread, during the
+        following step instead of after their own. Such tokens reach readers one step later,
+        and a sequence that a stop string ends computes one token more, which nobody sees. A
+        step of fewer than RENDER_THREAD_ROWS tokens is rendered at once, as the hand-off would
+        cost more than it saves.
         """
         started = time.perf_counter()
         self._release(slot, started)
-        rows, now = self._pending_rows(slot)
         rendering = None
-        if len(rows) >= RENDER_THREAD_ROWS:
-            rendering = self._renderer.submit(render_rows, slot.loaded.tokenizer, rows)
+        if slot.pending is not None:
+            (held, came_at), slot.pending = slot.pending, None
+            if held_rows := live_rows(slot, held):
+                rendering = self._renderer.submit(render_rows, slot.loaded.tokenizer, held_rows)
         prompt_responses, responses = slot.generator.next()
-        finished = time.perf_counter()
-        self.observer.step(slot.loaded.info.model_id, len(responses), finished - started)
+        stepped_at = time.perf_counter()
+        if responses or prompt_responses:
+            self.observer.step(slot.loaded.info.model_id, len(responses), stepped_at - started)
         for response in prompt_responses:
             sequence = slot.sequences.get(response.uid)
             if sequence is not None and not sequence.started:
-                self._mark_started(sequence, finished)
-        rendered = rendering.result() if rendering else render_rows(slot.loaded.tokenizer, rows)
-        for (sequence, response), text in zip(rows, rendered, strict=True):
-            self._advance(slot, sequence, response, now, text)
-        slot.pending = (responses, finished) if responses else None
+                self._mark_started(sequence, stepped_at)
+        if rendering is not None:
+            self._emit(slot, held_rows, rendering.result(), came_at)
+        if len(responses) >= RENDER_THREAD_ROWS:
+            slot.pending = (responses, stepped_at)
+        elif responses:
+            rows = live_rows(slot, responses)
+            self._emit(slot, rows, render_rows(slot.loaded.tokenizer, rows), stepped_at)
 
-    def _pending_rows(self, slot: ModelSlot) -> tuple[list[tuple[Sequence, Any]], float]:
-        """The last step's tokens of sequences still running, and when they came."""
-        if slot.pending is None:
-            return [], 0.0
-        (responses, now), slot.pending = slot.pending, None
-        rows = []
-        for response in responses:
-            sequence = slot.sequences.get(response.uid)
-            if sequence is not None:
-                rows.append((sequence, response))
-        return rows, now
+    def _emit(self, slot: ModelSlot, rows: list, rendered: list, now: float) -> None:
+        for (sequence, response), token in zip(rows, rendered, strict=True):
+            self._advance(slot, sequence, response, now, token)
 
     def _advance(
         self, slot: ModelSlot, sequence: Sequence, response: Any, now: float, rendered: tuple
@@ -562,6 +561,16 @@ def token_id_violations(ids: list[int], vocab_size: int, field: str) -> list[Fie
         for i, t in enumerate(ids)
         if t >= vocab_size
     ]
+
+
+def live_rows(slot: ModelSlot, responses: list) -> list[tuple[Sequence, Any]]:
+    """Each response paired with its sequence, if that sequence still runs."""
+    rows = []
+    for response in responses:
+        sequence = slot.sequences.get(response.uid)
+        if sequence is not None:
+            rows.append((sequence, response))
+    return rows
 
 
 def render_rows(tokenizer, rows: list[tuple[Sequence, Any]]) -> list[tuple]:
