@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PATHS = [str(ROOT / "server"), str(ROOT / "stubs" / "src")]
 sys.path[:0] = [*SOURCE_PATHS, str(ROOT / "scripts")]
 
-from make_bench_model import PRESETS, bench_model_path  # noqa: E402
+from make_bench_model import add_model_arguments, chosen_model_path  # noqa: E402
 
 RAW, ENGINE, MLX_SERVING, MLX_LM_SERVER = "raw", "engine", "mlx_serving", "mlx_lm_server"
 # ENGINE (our engine in this process, no wire) is a diagnostic: it splits the gap to raw
@@ -813,7 +813,7 @@ def make_backends(args, model: Path) -> list:
 async def run(args) -> dict:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    model = args.model or bench_model_path(args.model_preset)
+    model = chosen_model_path(args)
     plan = make_plan(load_tokenizer(model), args)
     backends = make_backends(args, model)
     print(f"model {model}; backends {[b.name for b in backends]}", flush=True)
@@ -850,9 +850,7 @@ def name_list(text: str) -> list[str]:
 
 def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path, help="a model directory (Hugging Face layout)")
-    source.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    add_model_arguments(parser, default_preset="small")
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=118)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "server"), str(ROOT / "scripts")]
 
 from bench import int_list  # noqa: E402
-from make_bench_model import PRESETS, bench_model_path  # noqa: E402
+from make_bench_model import add_model_arguments, chosen_model_path  # noqa: E402
 
 PHASES = ("build", "dispatch", "wait")
 
@@ -51,9 +51,7 @@ class TimedMLX:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path)
-    source.add_argument("--model-preset", choices=sorted(PRESETS), default="llama-3.2-1b")
+    add_model_arguments(parser, default_preset="llama-3.2-1b")
     parser.add_argument("--batch", type=int_list, default=[16, 32])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
@@ -66,7 +64,7 @@ def main() -> None:
     from mlx_serving.engine import decode_attention
     from mlx_serving.engine.fusion import fuse_projections
 
-    model, _ = load(str(args.model or bench_model_path(args.model_preset)))
+    model, _ = load(str(chosen_model_path(args)))
     fuse_projections(model)
     spent = dict.fromkeys(PHASES, 0.0)
     forward = type(model).__call__

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "server"), str(ROOT / "scripts")]
 
 from bench import int_list, make_prompts, raw_closed_loop  # noqa: E402
-from make_bench_model import PRESETS, bench_model_path  # noqa: E402
+from make_bench_model import add_model_arguments, chosen_model_path  # noqa: E402
 
 
 def tok_s(model, config, prompts, concurrency, max_tokens) -> float:
@@ -59,9 +59,7 @@ def check_outputs(models, tokenizer, prompt_tokens) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path)
-    source.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    add_model_arguments(parser, default_preset="small")
     parser.add_argument("--concurrency", type=int_list, default=[16, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=118)
@@ -76,7 +74,7 @@ def main(argv=None) -> int:
     from mlx_serving.engine.config import EngineConfig
     from mlx_serving.engine.fusion import fuse_projections
 
-    path = args.model or bench_model_path(args.model_preset)
+    path = chosen_model_path(args)
     config = EngineConfig()
     models = {"plain": load(str(path))[0], "fused": load(str(path))[0]}
     print(f"model {path}: {fuse_projections(models['fused'])} modules fused", flush=True)

@@ -116,6 +116,17 @@ def bench_model_path(
     return make_bench_model(path, preset, overrides)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    """The benchmarks' choice of model: a directory, or a preset built on first use."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="a model directory (Hugging Face layout)")
+    source.add_argument("--model-preset", choices=sorted(PRESETS), default=default_preset)
+
+
+def chosen_model_path(args: argparse.Namespace) -> Path:
+    return args.model or bench_model_path(args.model_preset)
+
+
 def _write_model(out: Path, shape: dict) -> None:
     source = default_model_path()
     for name in TOKENIZER_FILES:
