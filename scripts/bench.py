@@ -3,7 +3,8 @@
 Usage:
   python scripts/bench.py [--model-preset small | --model PATH] [--concurrency 1,4,16,32]
                           [--max-tokens 128] [--prompt-tokens 118] [--requests-per-level N]
-                          [--rounds 1] [--skip mlx_lm_server] [--json OUT]
+                          [--rounds 1] [--skip mlx_lm_server] [--engine KEY=VALUE ...]
+                          [--json OUT]
 
 Every backend gets the same prompts (the same token ids, distinct first tokens so no prefix
 cache helps), the same max_tokens, greedy decoding and EOS ignored, as closed-loop clients:
@@ -46,11 +47,14 @@ RAW, ENGINE, MLX_SERVING, MLX_LM_SERVER = "raw", "engine", "mlx_serving", "mlx_l
 # between the engine and the wire.
 BACKENDS = (RAW, ENGINE, MLX_SERVING, MLX_LM_SERVER)
 MODEL_ID = "bench"
-FUSE_ENV = "MLX_SERVING_ENGINE_FUSE_PROJECTIONS"
 HOST = "127.0.0.1"
 LISTENING = re.compile(r"mlx-serving listening on (\S+):(\d+)")
-# Warm-up: short prompts (prefill is slow on CPU), enough decode steps to reach every batch size.
-WARMUP_PROMPT_TOKENS, WARMUP_TOKENS = 8, 4
+# A level's requests: 2 x concurrency, and never so few that one slow request decides it.
+MIN_REQUESTS_PER_LEVEL = 8
+# Warm-up: prompts as long as the measured ones (MLX compiles kernels per shape, and the first
+# prefill of a new length must not land in a measured round), enough decode steps to reach
+# every batch size.
+WARMUP_TOKENS = 4
 
 # Targets from the issue: (2)/(1) tok/s everywhere; (2)/(3) tok/s at 32 and TTFT p50 at 16.
 RAW_RATIO_MIN = 0.97
@@ -541,7 +545,7 @@ class RawBackend:
 
         self.model, _ = load(str(self.model_path))
         if self.config.fuse_projections:
-            fuse_projections(self.model)
+            fuse_projections(self.model, decode_kernel=self.config.decode_attention_kernel)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -664,12 +668,12 @@ class Plan:
 def make_plan(tokenizer, args) -> Plan:
     """Every request of the run gets its own prompt, the same for every backend."""
     levels, rounds = args.concurrency, args.rounds
-    counts = {c: args.requests_per_level or 2 * c for c in levels}
+    counts = {c: args.requests_per_level or max(2 * c, MIN_REQUESTS_PER_LEVEL) for c in levels}
     firsts: set[int] = set()
     total = rounds * sum(counts.values())
     pool = iter(make_prompts(tokenizer, total, args.prompt_tokens, firsts=firsts))
     prompts = {c: [[next(pool) for _ in range(counts[c])] for _ in range(rounds)] for c in levels}
-    warmup = make_prompts(tokenizer, max(levels), WARMUP_PROMPT_TOKENS, seed=1, firsts=firsts)
+    warmup = make_prompts(tokenizer, max(levels), args.prompt_tokens, seed=1, firsts=firsts)
     return Plan(levels, rounds, args.max_tokens, args.prompt_tokens, warmup, prompts)
 
 
@@ -795,9 +799,13 @@ def format_cpu(r: LevelResult) -> str:
 def make_backends(args, model: Path) -> list:
     from mlx_serving.engine.config import EngineConfig
 
-    config = EngineConfig(fuse_projections=args.fuse)
+    settings = dict(args.engine)
+    if not args.fuse:
+        settings["fuse_projections"] = False
+    config = EngineConfig(**settings)
     # The server subprocess reads its engine settings from the environment it inherits.
-    os.environ[FUSE_ENV] = str(args.fuse).lower()
+    for key, value in settings.items():
+        os.environ[f"MLX_SERVING_ENGINE_{key.upper()}"] = str(value).lower()
     backends = []
     if MLX_LM_SERVER not in args.skip:
         backends.append(MlxLmServerBackend(model, args.startup_timeout))
@@ -848,13 +856,29 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+def engine_setting(text: str) -> tuple[str, object]:
+    from mlx_serving.server.config import engine_keys, parse_override
+
+    key, _, value = text.partition("=")
+    if key not in engine_keys():
+        raise argparse.ArgumentTypeError(f"unknown engine key {key!r}; one of {engine_keys()}")
+    try:
+        return key, parse_override(f"engine.{key}", value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser, default_preset="small")
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=118)
-    parser.add_argument("--requests-per-level", type=int, help="default: 2 x concurrency")
+    parser.add_argument(
+        "--requests-per-level",
+        type=int,
+        help=f"default: 2 x concurrency, at least {MIN_REQUESTS_PER_LEVEL}",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat each level, interleaved")
     parser.add_argument(
         "--skip", type=name_list, action="extend", default=[], help=",".join(BACKENDS)
@@ -864,7 +888,15 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         "--no-fuse",
         dest="fuse",
         action="store_false",
-        help="run mlx-serving and raw without fused projections (engine.fuse_projections)",
+        help="as --engine fuse_projections=false",
+    )
+    parser.add_argument(
+        "--engine",
+        type=engine_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an engine setting (CONFIG.md's `engine` keys) for raw, engine and mlx_serving alike",
     )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(

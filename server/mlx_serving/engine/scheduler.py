@@ -88,6 +88,10 @@ class ModelSlot:
     waiting: list[Sequence] = field(default_factory=list)
     # The last step's tokens and when they came, handled during the next step (see `_step`).
     pending: tuple[list, float] | None = None
+    # Sequences that left the batch since the last hand-over, and when the last one left:
+    # their clients' next requests are likely on the way (see `_release`).
+    vacated: int = 0
+    vacated_at: float = 0.0
 
     def __len__(self) -> int:
         return len(self.sequences) + len(self.waiting)
@@ -169,11 +173,16 @@ class Scheduler:
             self._publish(Event(RuntimeStatus(status, len(self.slots), active)))
 
     def _take_commands(self) -> None:
-        busy = any(self.slots.values())
-        if not busy:
+        if not any(self.slots.values()):
             self._run_command(self._commands.recv())
-            # Idle → busy: give concurrent arrivals a moment to join the first step.
-            time.sleep(self.config.coalesce_seconds)
+            # Idle → busy: give concurrent arrivals a moment to join the first step, unless
+            # they are returning clients, whom `_release` waits for.
+            now, gather = time.perf_counter(), self.config.prefill_gather_seconds
+            if not any(returning(slot, now, gather) for slot in self.slots.values()):
+                time.sleep(self.config.coalesce_seconds)
+        elif not any(slot.sequences for slot in self.slots.values()):
+            # Only arrivals gathering company (see `_release`): sleep until another comes.
+            self._commands.poll(self.config.prefill_gather_seconds)
         while self.running and self._commands.poll():
             self._run_command(self._commands.recv())
 
@@ -327,23 +336,26 @@ class Scheduler:
     def _release(self, slot: ModelSlot, now: float) -> None:
         """Hand waiting sequences to the generator together, so they share one prefill.
 
-        A busy batch's finished sequences are replaced by requests that arrive a network round
-        trip apart; inserted one by one, each would cost a prefill pass and a join of its own
+        A batch's finished sequences are replaced by requests that arrive a network round trip
+        apart; inserted one by one, each would cost a prefill pass and a join of its own
         (host-bound work that stalls every running sequence). So arrivals wait for company:
-        until a full prefill batch (or every free slot) is waiting, or the oldest has waited
-        `prefill_gather_seconds`. An idle model starts at once (its arrivals were coalesced).
+        until a full prefill batch (or every free slot) is waiting, or as many as sequences
+        left the batch since the last hand-over (their clients' next requests), or the oldest
+        has waited `prefill_gather_seconds`. A model that is idle and has seen no sequence
+        leave starts at once (its arrivals were coalesced).
         """
         waiting = slot.waiting
         if not waiting:
             return
+        gather = self.config.prefill_gather_seconds
+        slot.vacated = returning(slot, waiting[0].arrival, gather)
         running = len(slot.sequences)
         company = min(self.config.prefill_batch_size, self.config.max_batch_size - running)
-        if (
-            running
-            and len(waiting) < company
-            and now - waiting[0].arrival < self.config.prefill_gather_seconds
-        ):
+        waited_out = now - waiting[0].arrival >= gather
+        expected = slot.vacated or (company if running else 1)
+        if len(waiting) < min(company, expected) and not waited_out:
             return
+        slot.vacated = 0 if waited_out else max(0, slot.vacated - len(waiting))
         slot.waiting = []
         args = [sequence.generator_args for sequence in waiting]
         uids = slot.generator.insert(
@@ -362,7 +374,8 @@ class Scheduler:
         following step instead of after their own. Such tokens reach readers one step later,
         and a sequence that a stop string ends computes one token more, which nobody sees. A
         step of fewer than RENDER_THREAD_ROWS tokens is rendered at once, as the hand-off would
-        cost more than it saves.
+        cost more than it saves; so is the last token of a sequence mlx-lm ended (length, stop
+        token), whose reader may be waiting to send its next request into the freed slot.
         """
         started = time.perf_counter()
         self._release(slot, started)
@@ -381,10 +394,13 @@ class Scheduler:
                 self._mark_started(sequence, stepped_at)
         if rendering is not None:
             self._emit(slot, held_rows, rendering.result(), came_at)
+        at_once = responses
         if len(responses) >= RENDER_THREAD_ROWS:
-            slot.pending = (responses, stepped_at)
-        elif responses:
-            rows = live_rows(slot, responses)
+            later = [r for r in responses if r.finish_reason is None]
+            at_once = [r for r in responses if r.finish_reason is not None]
+            slot.pending = (later, stepped_at) if later else None
+        if at_once:
+            rows = live_rows(slot, at_once)
             self._emit(slot, rows, render_rows(slot.loaded.tokenizer, rows), stepped_at)
 
     def _emit(self, slot: ModelSlot, rows: list, rendered: list, now: float) -> None:
@@ -478,6 +494,9 @@ class Scheduler:
         """Forget a sequence and tell its reader (unless it already left)."""
         if slot.sequences.get(sequence.uid) is sequence:
             del slot.sequences[sequence.uid]
+            if not sequence.internal:
+                slot.vacated += 1
+                slot.vacated_at = time.perf_counter()
         else:
             slot.waiting.remove(sequence)
         self.sequences.pop(sequence.rid, None)
@@ -561,6 +580,14 @@ def token_id_violations(ids: list[int], vocab_size: int, field: str) -> list[Fie
         for i, t in enumerate(ids)
         if t >= vocab_size
     ]
+
+
+def returning(slot: ModelSlot, arrival: float, gather: float) -> int:
+    """How many clients whose sequences left `slot` may still send their next request.
+
+    An arrival more than `gather` seconds after the last one left is not such a request.
+    """
+    return slot.vacated if arrival - slot.vacated_at <= gather else 0
 
 
 def live_rows(slot: ModelSlot, responses: list) -> list[tuple[Sequence, Any]]:
