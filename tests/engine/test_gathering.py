@@ -83,7 +83,7 @@ async def test_an_idle_model_starts_at_once(model_path):
 
 async def test_returning_clients_of_a_finished_batch_share_one_prefill(model_path):
     """Closed-loop clients: a whole batch ends, its clients come back a little apart."""
-    engine = Engine(EngineConfig(prefill_batch_size=4, prefill_gather_seconds=GATHER))
+    engine = Engine(EngineConfig(prefill_batch_size=4, coalesce_seconds=GATHER))
     await engine.start()
     try:
         await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)

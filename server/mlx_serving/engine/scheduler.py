@@ -181,8 +181,8 @@ class Scheduler:
             if not any(returning(slot, now, gather) for slot in self.slots.values()):
                 time.sleep(self.config.coalesce_seconds)
         elif not any(slot.sequences for slot in self.slots.values()):
-            # Only arrivals gathering company (see `_release`): sleep until another comes.
-            self._commands.poll(self.config.prefill_gather_seconds)
+            # Only returning clients' requests waiting for the rest (see `_release`).
+            self._commands.poll(self.config.coalesce_seconds)
         while self.running and self._commands.poll():
             self._run_command(self._commands.recv())
 
@@ -341,8 +341,9 @@ class Scheduler:
         (host-bound work that stalls every running sequence). So arrivals wait for company:
         until a full prefill batch (or every free slot) is waiting, or as many as sequences
         left the batch since the last hand-over (their clients' next requests), or the oldest
-        has waited `prefill_gather_seconds`. A model that is idle and has seen no sequence
-        leave starts at once (its arrivals were coalesced).
+        has waited `prefill_gather_seconds`. An idle model waits only `coalesce_seconds`, as
+        nothing runs meanwhile; one that has seen no sequence leave starts at once (its
+        arrivals were coalesced before).
         """
         waiting = slot.waiting
         if not waiting:
@@ -351,7 +352,9 @@ class Scheduler:
         slot.vacated = returning(slot, waiting[0].arrival, gather)
         running = len(slot.sequences)
         company = min(self.config.prefill_batch_size, self.config.max_batch_size - running)
-        waited_out = now - waiting[0].arrival >= gather
+        waited_out = now - waiting[0].arrival >= (
+            gather if running else self.config.coalesce_seconds
+        )
         expected = slot.vacated or (company if running else 1)
         if len(waiting) < min(company, expected) and not waited_out:
             return
