@@ -51,9 +51,11 @@ HOST = "127.0.0.1"
 LISTENING = re.compile(r"mlx-serving listening on (\S+):(\d+)")
 # A level's requests: 2 x concurrency, and never so few that one slow request decides it.
 MIN_REQUESTS_PER_LEVEL = 8
-# Warm-up: prompts as long as the measured ones (MLX compiles kernels per shape, and the first
-# prefill of a new length must not land in a measured round), enough decode steps to reach
-# every batch size.
+# Warm-up: prompts as long as the measured ones, a few tokens each. MLX's CUDA backend stalls
+# ~100 ms the first time it meets a prefill of a new shape (measured on the H100: a group of
+# 1-7 prompts of 118 tokens took 90-130 ms the first time, 17-36 ms after), and a backend that
+# gathers arrivals forms groups of every size, so every group size is prefilled once before
+# anything is measured.
 WARMUP_TOKENS = 4
 
 # Targets from the issue: (2)/(1) tok/s everywhere; (2)/(3) tok/s at 32 and TTFT p50 at 16.
@@ -660,12 +662,13 @@ class Plan:
     rounds: int
     max_tokens: int
     prompt_tokens: int
-    warmup: list[Prompt]
+    # (prompts, concurrency) stages, run in order before anything is measured
+    warmup: list[tuple[list[Prompt], int]]
     # level → one list of prompts per round
     prompts: dict[int, list[list[Prompt]]]
 
 
-def make_plan(tokenizer, args) -> Plan:
+def make_plan(tokenizer, args, prefill_batch_size: int) -> Plan:
     """Every request of the run gets its own prompt, the same for every backend."""
     levels, rounds = args.concurrency, args.rounds
     counts = {c: args.requests_per_level or max(2 * c, MIN_REQUESTS_PER_LEVEL) for c in levels}
@@ -673,15 +676,19 @@ def make_plan(tokenizer, args) -> Plan:
     total = rounds * sum(counts.values())
     pool = iter(make_prompts(tokenizer, total, args.prompt_tokens, firsts=firsts))
     prompts = {c: [[next(pool) for _ in range(counts[c])] for _ in range(rounds)] for c in levels}
-    warmup = make_prompts(tokenizer, max(levels), args.prompt_tokens, seed=1, firsts=firsts)
+    # Prefill groups of every size, then every decode batch size up to the largest level.
+    stages = [*range(1, prefill_batch_size + 1), max(levels)]
+    pool = iter(make_prompts(tokenizer, sum(stages), args.prompt_tokens, seed=1, firsts=firsts))
+    warmup = [([next(pool) for _ in range(n)], n) for n in stages]
     return Plan(levels, rounds, args.max_tokens, args.prompt_tokens, warmup, prompts)
 
 
 async def warm_up(backend, plan: Plan) -> None:
-    """Every batch size up to the largest level, before anything is measured."""
-    results, _ = await backend.run_level(plan.warmup, len(plan.warmup), WARMUP_TOKENS)
-    if failed := [r.error for r in results if r.error]:
-        raise RuntimeError(f"{backend.name} warm-up failed: {failed[0]}")
+    """Every prefill group size and decode batch size, before anything is measured."""
+    for prompts, concurrency in plan.warmup:
+        results, _ = await backend.run_level(prompts, concurrency, WARMUP_TOKENS)
+        if failed := [r.error for r in results if r.error]:
+            raise RuntimeError(f"{backend.name} warm-up failed: {failed[0]}")
 
 
 async def measure(backend, prompts: list[Prompt], concurrency: int, max_tokens: int) -> Round:
@@ -796,16 +803,20 @@ def format_cpu(r: LevelResult) -> str:
     return f"{seconds(r.server_cpu_s)}/{seconds(r.client_cpu_s)}s"
 
 
-def make_backends(args, model: Path) -> list:
+def engine_config(args):
+    """The engine settings of raw, engine and mlx_serving alike (the server's from the
+    environment it inherits)."""
     from mlx_serving.engine.config import EngineConfig
 
     settings = dict(args.engine)
     if not args.fuse:
         settings["fuse_projections"] = False
-    config = EngineConfig(**settings)
-    # The server subprocess reads its engine settings from the environment it inherits.
     for key, value in settings.items():
         os.environ[f"MLX_SERVING_ENGINE_{key.upper()}"] = str(value).lower()
+    return EngineConfig(**settings)
+
+
+def make_backends(args, model: Path, config) -> list:
     backends = []
     if MLX_LM_SERVER not in args.skip:
         backends.append(MlxLmServerBackend(model, args.startup_timeout))
@@ -822,8 +833,9 @@ async def run(args) -> dict:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     model = chosen_model_path(args)
-    plan = make_plan(load_tokenizer(model), args)
-    backends = make_backends(args, model)
+    config = engine_config(args)
+    plan = make_plan(load_tokenizer(model), args, config.prefill_batch_size)
+    backends = make_backends(args, model, config)
     print(f"model {model}; backends {[b.name for b in backends]}", flush=True)
     async with contextlib.AsyncExitStack() as stack:
         for backend in backends:
