@@ -68,3 +68,20 @@ async def wait_until_idle(engine, timeout: float = 3.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"the engine still holds {held} sequences")
         await asyncio.sleep(0.01)
+
+
+def record_deliveries(scheduler: Scheduler) -> None:
+    """From now on, remember which request ids each message to the facade carries."""
+    scheduler.delivered = []
+    original = scheduler.deliver
+
+    def recording_deliver():
+        if scheduler._deliveries:
+            scheduler.delivered.append([rid for rid, *_ in scheduler._deliveries])
+        original()
+
+    scheduler.deliver = recording_deliver
+
+
+def delivered(scheduler: Scheduler) -> list[list[int]]:
+    return scheduler.delivered

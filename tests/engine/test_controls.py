@@ -4,7 +4,7 @@ import asyncio
 
 import mlx_lm
 import pytest
-from engine_probes import wait_until_idle
+from engine_probes import delivered, record_deliveries, wait_until_idle
 
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.engine import Engine
@@ -78,6 +78,25 @@ async def test_stop_strings_end_sequences_alike_inside_a_busy_batch(engine):
         emitted = [t for c in chunks for t in c.token_ids]
         assert emitted == ids[: len(emitted)]
         assert chunks[-1].usage.completion_tokens == len(emitted)
+    await wait_until_idle(engine)
+
+
+async def test_a_finished_sequences_end_is_not_held_back_a_step(engine):
+    """In a busy batch tokens reach readers a step late, but not the last one: its client may
+    be waiting to send its next request. So the second-to-last token, the final chunk and the
+    end of the stream leave in one message."""
+    await engine._call(record_deliveries)
+    prompts = ["Hello world", "1 2 3 4", "def f():", "Once upon", "abc", "xyz"]
+    requests = [
+        GenerationRequest(MODEL_ID, text=p, max_tokens=6, sampling=GREEDY, ignore_eos=True)
+        for p in prompts
+    ]
+    together = await asyncio.gather(*(run(engine, request) for request in requests))
+    assert all(chunks[-1].finish_reason is FinishReason.MAX_TOKENS for *_, chunks in together)
+    messages = await engine._call(delivered)
+    for rid in {rid for message in messages for rid in message}:
+        last = [message for message in messages if rid in message][-1]
+        assert last.count(rid) == 3  # a token, the final chunk, the end marker
     await wait_until_idle(engine)
 
 

@@ -23,7 +23,7 @@ async def final_chunk(engine, req):
     return [chunk async for chunk in engine.generate(req)][-1]
 
 
-async def test_arrivals_share_a_prefill_and_wait_no_longer_than_the_window(
+async def test_arrivals_share_a_prefill_and_a_lone_one_waits_no_longer_than_the_window(
     model_path,
 ):
     engine = Engine(EngineConfig(prefill_batch_size=2, prefill_gather_seconds=GATHER))
@@ -48,21 +48,13 @@ async def test_arrivals_share_a_prefill_and_wait_no_longer_than_the_window(
         assert await engine._call(inserted) == [2, 1]
         assert lone.usage.queue_time >= GATHER
 
-        # A returning client, whose sequence just left the batch, is the company expected: its
-        # next request goes at once.
-        again = await final_chunk(engine, request("Once more"))
-        assert await engine._call(inserted) == [2, 1, 1]
-        assert again.usage.queue_time < GATHER
-
-        # One that leaves while it waits (it came after the window: no one's return) never
-        # reaches the batch.
-        await asyncio.sleep(GATHER)
+        # One that leaves while it waits never reaches the batch.
         leaving = asyncio.create_task(final_chunk(engine, request("Goodbye")))
         await asyncio.sleep(0.05)
         leaving.cancel()
         await asyncio.gather(leaving, return_exceptions=True)
         await asyncio.sleep(GATHER)
-        assert await engine._call(inserted) == [2, 1, 1]
+        assert await engine._call(inserted) == [2, 1]
 
         await running.aclose()
         await wait_until_idle(engine)
@@ -77,28 +69,5 @@ async def test_an_idle_model_starts_at_once(model_path):
         await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
         chunk = await final_chunk(engine, request("Hello"))
         assert chunk.usage.queue_time < 0.5
-    finally:
-        await engine.shutdown(0)
-
-
-async def test_returning_clients_of_a_finished_batch_share_one_prefill(model_path):
-    """Closed-loop clients: a whole batch ends, its clients come back a little apart."""
-    engine = Engine(EngineConfig(prefill_batch_size=4, coalesce_seconds=GATHER))
-    await engine.start()
-    try:
-        await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
-        await engine._call(record_inserts, MODEL_ID)
-        await asyncio.gather(*(final_chunk(engine, request(f"Hello {i}")) for i in range(4)))
-        first_wave = await engine._call(inserted)
-        assert sum(first_wave) == 4
-
-        async def come_back(i: int):
-            await asyncio.sleep(0.03 * i)
-            return await final_chunk(engine, request(f"Again {i}"))
-
-        finals = await asyncio.gather(*(come_back(i) for i in range(4)))
-        assert await engine._call(inserted) == [*first_wave, 4]
-        assert max(final.usage.queue_time for final in finals) < GATHER
-        await wait_until_idle(engine)
     finally:
         await engine.shutdown(0)

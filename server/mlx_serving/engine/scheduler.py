@@ -88,10 +88,6 @@ class ModelSlot:
     waiting: list[Sequence] = field(default_factory=list)
     # The last step's tokens and when they came, handled during the next step (see `_step`).
     pending: tuple[list, float] | None = None
-    # Sequences that left the batch since the last hand-over, and when the last one left:
-    # their clients' next requests are likely on the way (see `_release`).
-    vacated: int = 0
-    vacated_at: float = 0.0
 
     def __len__(self) -> int:
         return len(self.sequences) + len(self.waiting)
@@ -173,16 +169,11 @@ class Scheduler:
             self._publish(Event(RuntimeStatus(status, len(self.slots), active)))
 
     def _take_commands(self) -> None:
-        if not any(self.slots.values()):
+        busy = any(self.slots.values())
+        if not busy:
             self._run_command(self._commands.recv())
-            # Idle → busy: give concurrent arrivals a moment to join the first step, unless
-            # they are returning clients, whom `_release` waits for.
-            now, gather = time.perf_counter(), self.config.prefill_gather_seconds
-            if not any(returning(slot, now, gather) for slot in self.slots.values()):
-                time.sleep(self.config.coalesce_seconds)
-        elif not any(slot.sequences for slot in self.slots.values()):
-            # Only returning clients' requests waiting for the rest (see `_release`).
-            self._commands.poll(self.config.coalesce_seconds)
+            # Idle → busy: give concurrent arrivals a moment to join the first step.
+            time.sleep(self.config.coalesce_seconds)
         while self.running and self._commands.poll():
             self._run_command(self._commands.recv())
 
@@ -336,29 +327,23 @@ class Scheduler:
     def _release(self, slot: ModelSlot, now: float) -> None:
         """Hand waiting sequences to the generator together, so they share one prefill.
 
-        A batch's finished sequences are replaced by requests that arrive a network round trip
-        apart; inserted one by one, each would cost a prefill pass and a join of its own
+        A busy batch's finished sequences are replaced by requests that arrive a network round
+        trip apart; inserted one by one, each would cost a prefill pass and a join of its own
         (host-bound work that stalls every running sequence). So arrivals wait for company:
-        until a full prefill batch (or every free slot) is waiting, or as many as sequences
-        left the batch since the last hand-over (their clients' next requests), or the oldest
-        has waited `prefill_gather_seconds`. An idle model waits only `coalesce_seconds`, as
-        nothing runs meanwhile; one that has seen no sequence leave starts at once (its
-        arrivals were coalesced before).
+        until a full prefill batch (or every free slot) is waiting, or the oldest has waited
+        `prefill_gather_seconds`. An idle model starts at once (its arrivals were coalesced).
         """
         waiting = slot.waiting
         if not waiting:
             return
-        gather = self.config.prefill_gather_seconds
-        slot.vacated = returning(slot, waiting[0].arrival, gather)
         running = len(slot.sequences)
         company = min(self.config.prefill_batch_size, self.config.max_batch_size - running)
-        waited_out = now - waiting[0].arrival >= (
-            gather if running else self.config.coalesce_seconds
-        )
-        expected = slot.vacated or (company if running else 1)
-        if len(waiting) < min(company, expected) and not waited_out:
+        if (
+            running
+            and len(waiting) < company
+            and now - waiting[0].arrival < self.config.prefill_gather_seconds
+        ):
             return
-        slot.vacated = 0 if waited_out else max(0, slot.vacated - len(waiting))
         slot.waiting = []
         args = [sequence.generator_args for sequence in waiting]
         uids = slot.generator.insert(
@@ -497,9 +482,6 @@ class Scheduler:
         """Forget a sequence and tell its reader (unless it already left)."""
         if slot.sequences.get(sequence.uid) is sequence:
             del slot.sequences[sequence.uid]
-            if not sequence.internal:
-                slot.vacated += 1
-                slot.vacated_at = time.perf_counter()
         else:
             slot.waiting.remove(sequence)
         self.sequences.pop(sequence.rid, None)
@@ -583,14 +565,6 @@ def token_id_violations(ids: list[int], vocab_size: int, field: str) -> list[Fie
         for i, t in enumerate(ids)
         if t >= vocab_size
     ]
-
-
-def returning(slot: ModelSlot, arrival: float, gather: float) -> int:
-    """How many clients whose sequences left `slot` may still send their next request.
-
-    An arrival more than `gather` seconds after the last one left is not such a request.
-    """
-    return slot.vacated if arrival - slot.vacated_at <= gather else 0
 
 
 def live_rows(slot: ModelSlot, responses: list) -> list[tuple[Sequence, Any]]:
