@@ -93,12 +93,16 @@ async def test_hugging_face_ids_resolve_from_the_local_cache(model_path, tmp_pat
 
 
 async def test_unloading_ends_in_flight_generations(engine):
+    events = engine.subscribe(frozenset({GenerationCompleted}))
     stream = engine.generate(LONG)
     await anext(stream)
     await engine.unload_model(MODEL_ID)
     with pytest.raises(RequestAborted):
         async for _ in stream:
             pass
+    # The engine ended it, not its client.
+    assert (await anext(events)).payload.finish_reason == "aborted"
+    await events.aclose()
 
 
 async def test_events_follow_a_generation(engine, model_path):

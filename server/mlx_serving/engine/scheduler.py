@@ -49,6 +49,8 @@ END = "end"
 # Steps with fewer tokens than this render them on the engine thread: a hand-off to the
 # rendering thread costs more than it saves.
 RENDER_THREAD_ROWS = 4
+# The finish reason events and metrics give a sequence the engine ended (unload, shutdown).
+ABORTED = "aborted"
 
 
 @dataclass(eq=False)
@@ -479,7 +481,11 @@ class Scheduler:
         finish: FinishReason = FinishReason.CANCELLED,
         usage: Usage | None = None,
     ) -> None:
-        """Forget a sequence and tell its reader (unless it already left)."""
+        """Forget a sequence and tell its reader (unless it already left).
+
+        `final` an error: the engine ended the sequence (unload, shutdown), which events and
+        metrics report as ABORTED rather than as the reader's cancellation.
+        """
         if slot.sequences.get(sequence.uid) is sequence:
             del slot.sequences[sequence.uid]
         else:
@@ -490,9 +496,10 @@ class Scheduler:
         if sequence.internal:
             return
         usage = usage or make_usage(sequence, time.perf_counter())
+        reason = ABORTED if isinstance(final, Exception) else finish.value
         self.observer.request_finished(
             sequence.request.model_id,
-            finish.value,
+            reason,
             usage.prompt_tokens,
             usage.cached_prompt_tokens,
             usage.completion_tokens,
@@ -506,7 +513,7 @@ class Scheduler:
                     tokens_generated=sequence.completion_tokens,
                     duration_seconds=usage.total_time,
                     throughput=usage.tokens_per_second,
-                    finish_reason=finish.value,
+                    finish_reason=reason,
                     metadata=sequence.request.metadata,
                 ),
                 model_id=sequence.request.model_id,
