@@ -807,12 +807,13 @@ def engine_config(args):
     """The engine settings of raw, engine and mlx_serving alike (the server's from the
     environment it inherits)."""
     from mlx_serving.engine.config import EngineConfig
+    from mlx_serving.server.config import ENV_PREFIX
 
     settings = dict(args.engine)
     if not args.fuse:
         settings["fuse_projections"] = False
     for key, value in settings.items():
-        os.environ[f"MLX_SERVING_ENGINE_{key.upper()}"] = str(value).lower()
+        os.environ[f"{ENV_PREFIX}ENGINE_{key.upper()}"] = str(value).lower()
     return EngineConfig(**settings)
 
 
