@@ -85,3 +85,35 @@ def record_deliveries(scheduler: Scheduler) -> None:
 
 def delivered(scheduler: Scheduler) -> list[list[int]]:
     return scheduler.delivered
+
+
+def record_first_tokens(scheduler: Scheduler) -> None:
+    """From now on, pair each message to the facade with the requests whose first token the
+    steps since the message before produced: (produced, carried) request ids."""
+    scheduler.first_tokens = []
+    seen: set[int] = set()
+    produced: list[int] = []
+    for slot in scheduler.slots.values():
+
+        def recording_next(slot=slot, next_=slot.generator.next):
+            prompt_responses, responses = next_()
+            for response in responses:
+                if response.uid not in seen and response.uid in slot.sequences:
+                    seen.add(response.uid)
+                    produced.append(slot.sequences[response.uid].rid)
+            return prompt_responses, responses
+
+        slot.generator.next = recording_next
+    original = scheduler.deliver
+
+    def recording_deliver():
+        carried = {rid for rid, *_ in scheduler._deliveries}
+        scheduler.first_tokens.append((list(produced), carried))
+        produced.clear()
+        original()
+
+    scheduler.deliver = recording_deliver
+
+
+def first_tokens(scheduler: Scheduler) -> list[tuple[list[int], set[int]]]:
+    return [entry for entry in scheduler.first_tokens if entry[0]]

@@ -4,7 +4,13 @@ import asyncio
 
 import mlx_lm
 import pytest
-from engine_probes import delivered, record_deliveries, wait_until_idle
+from engine_probes import (
+    delivered,
+    first_tokens,
+    record_deliveries,
+    record_first_tokens,
+    wait_until_idle,
+)
 
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.engine import Engine
@@ -97,6 +103,22 @@ async def test_a_finished_sequences_end_is_not_held_back_a_step(engine):
     for rid in {rid for message in messages for rid in message}:
         last = [message for message in messages if rid in message][-1]
         assert last.count(rid) == 3  # a token, the final chunk, the end marker
+    await wait_until_idle(engine)
+
+
+async def test_a_first_token_is_not_held_back_a_step(engine):
+    """Nor is the first: it is the client's time to first token."""
+    await engine._call(record_first_tokens)
+    requests = [
+        GenerationRequest(MODEL_ID, text=f"{i} bottles", max_tokens=8, sampling=GREEDY)
+        for i in range(6)
+    ]
+    await asyncio.gather(*(run(engine, request) for request in requests))
+    entries = await engine._call(first_tokens)
+    assert sum(len(produced) for produced, _ in entries) == 6
+    assert max(len(produced) for produced, _ in entries) >= 4  # a step the thread would take
+    for produced, carried in entries:
+        assert set(produced) <= carried
     await wait_until_idle(engine)
 
 

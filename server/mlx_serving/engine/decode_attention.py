@@ -107,7 +107,7 @@ def applies(queries: mx.array, keys: mx.array, cache) -> bool:
     """A decode step (one query per sequence) over a left-padded batch cache, on CUDA."""
     return (
         queries.shape[2] == 1
-        and type(cache) is BatchKVCache
+        and isinstance(cache, BatchKVCache)
         and cache._right_padding is None
         and queries.shape[-1] in HEAD_DIMS
         and keys.shape[-1] == queries.shape[-1]

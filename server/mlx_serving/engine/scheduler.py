@@ -22,6 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from .batch_cache import make_cache
 from .config import EngineConfig
 from .detokenizer import StreamingDetokenizer
 from .errors import FieldViolation, InvalidRequest, RequestAborted
@@ -278,7 +279,7 @@ class Scheduler:
         sequence.generator_args = dict(
             prompts=prompt[cached:],
             max_tokens=max_tokens,
-            caches=cache,
+            caches=cache or make_cache(slot.loaded.model),
             all_tokens=prompt[:cached],
             samplers=make_sampler(request.sampling),
             logits_processors=make_logits_processors(request.sampling),
@@ -364,8 +365,9 @@ class Scheduler:
         following step instead of after their own. Such tokens reach readers one step later,
         and a sequence that a stop string ends computes one token more, which nobody sees. A
         step of fewer than RENDER_THREAD_ROWS tokens is rendered at once, as the hand-off would
-        cost more than it saves; so is the last token of a sequence mlx-lm ended (length, stop
-        token), whose reader may be waiting to send its next request into the freed slot.
+        cost more than it saves; so are a sequence's first token (its client's time to first
+        token) and the last of one mlx-lm ended (length, stop token), whose reader may be
+        waiting to send its next request into the freed slot.
         """
         started = time.perf_counter()
         self._release(slot, started)
@@ -386,8 +388,9 @@ class Scheduler:
             self._emit(slot, held_rows, rendering.result(), came_at)
         at_once = responses
         if len(responses) >= RENDER_THREAD_ROWS:
-            later = [r for r in responses if r.finish_reason is None]
-            at_once = [r for r in responses if r.finish_reason is not None]
+            later, at_once = [], []
+            for response in responses:
+                (at_once if edge_of_sequence(slot, response) else later).append(response)
             slot.pending = (later, stepped_at) if later else None
         if at_once:
             rows = live_rows(slot, at_once)
@@ -582,6 +585,14 @@ def live_rows(slot: ModelSlot, responses: list) -> list[tuple[Sequence, Any]]:
         if sequence is not None:
             rows.append((sequence, response))
     return rows
+
+
+def edge_of_sequence(slot: ModelSlot, response: Any) -> bool:
+    """A sequence's first token, or the last of one mlx-lm ended: never held back a step."""
+    if response.finish_reason is not None:
+        return True
+    sequence = slot.sequences.get(response.uid)
+    return sequence is not None and sequence.completion_tokens == 0
 
 
 def render_rows(tokenizer, rows: list[tuple[Sequence, Any]]) -> list[tuple]:
