@@ -545,10 +545,19 @@ class RawBackend:
 
         from mlx_serving.engine.fusion import fuse_projections
 
-        self.model, _ = load(str(self.model_path))
+        with self.mlx_environment():
+            self.model, _ = load(str(self.model_path))
         if self.config.fuse_projections:
             fuse_projections(self.model, decode_kernel=self.config.decode_attention_kernel)
         return self
+
+    def mlx_environment(self):
+        """What the engine tells MLX through its process's environment (prefill attention),
+        set here while raw runs, and only then: mlx_lm.server gets MLX's own defaults."""
+        from mlx_serving.engine.config import mlx_environment
+        from mlx_serving.engine.engine import environment
+
+        return environment(mlx_environment(self.config))
 
     async def __aexit__(self, *exc) -> None:
         del self.model
@@ -571,7 +580,8 @@ class RawBackend:
             prefill_step_size=self.config.prefill_step_size,
         )
         try:
-            return raw_closed_loop(generator, prompts, concurrency, max_tokens)
+            with self.mlx_environment():
+                return raw_closed_loop(generator, prompts, concurrency, max_tokens)
         finally:
             generator.close()
 

@@ -5,6 +5,7 @@ path of every test and of the process spawned for it), never in a test function.
 """
 
 import asyncio
+import os
 import time
 
 from mlx_serving.engine.scheduler import Scheduler
@@ -117,3 +118,28 @@ def record_first_tokens(scheduler: Scheduler) -> None:
 
 def first_tokens(scheduler: Scheduler) -> list[tuple[list[int], set[int]]]:
     return [entry for entry in scheduler.first_tokens if entry[0]]
+
+
+def environment_variable(scheduler: Scheduler, name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def set_load_chunk_bytes(scheduler: Scheduler, size: int) -> None:
+    scheduler.load_chunk_bytes = size
+
+
+def count_steps_while_loading(scheduler: Scheduler) -> None:
+    """From now on, count the batch steps taken while a model is being loaded."""
+    scheduler.steps_while_loading = 0
+    step = scheduler._step
+
+    def counting_step(slot):
+        if getattr(scheduler, "loading", None):
+            scheduler.steps_while_loading += 1
+        step(slot)
+
+    scheduler._step = counting_step
+
+
+def steps_while_loading(scheduler: Scheduler) -> int:
+    return scheduler.steps_while_loading

@@ -15,8 +15,7 @@ from mlx_serving.engine.fusion import (
     FusedQwen3Attention,
     fuse_projections,
 )
-from mlx_serving.engine.loading import load_model
-from mlx_serving.engine.models import ModelSource
+from mlx_serving.engine.loading import build_model
 
 SHAPE = dict(
     hidden_size=64,
@@ -157,6 +156,6 @@ def test_other_architectures_are_served_as_loaded():
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_loading_fuses_only_when_asked(model_path, fuse):
-    loaded = load_model(ModelSource(local_path=str(model_path)), "tiny", fuse=fuse)
-    attention = type(loaded.model.model.layers[0].self_attn)
+    model, _ = build_model(model_path, fuse=fuse)
+    attention = type(model.model.layers[0].self_attn)
     assert attention is (FusedAttention if fuse else llama.Attention)

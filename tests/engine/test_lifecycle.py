@@ -1,8 +1,18 @@
 import asyncio
+import os
+import shutil
 
 import pytest
-from engine_probes import break_steps, wait_until_idle
+from engine_probes import (
+    break_steps,
+    count_steps_while_loading,
+    environment_variable,
+    set_load_chunk_bytes,
+    steps_while_loading,
+    wait_until_idle,
+)
 
+from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.errors import (
     EngineUnavailable,
@@ -171,3 +181,65 @@ async def test_shutdown_lets_streams_finish_within_the_grace_period(engine):
     await task
     assert chunks[-1].finish_reason is not None
     assert not engine.alive
+
+
+async def test_the_engine_process_prefills_without_cudnn_attention_unless_told(monkeypatch):
+    """cuDNN's attention graph for a new prompt length stalls the batch on CUDA, so MLX is told
+    not to use it; the setting, or a variable the server was started with, says otherwise."""
+    variable = "MLX_CUDA_USE_CUDNN_SDPA"
+
+    async def seen(config: EngineConfig) -> str | None:
+        engine = Engine(config)
+        await engine.start()
+        try:
+            return await engine._call(environment_variable, variable)
+        finally:
+            await engine.shutdown(0)
+
+    monkeypatch.delenv(variable, raising=False)
+    assert await seen(EngineConfig()) == "0"
+    assert await seen(EngineConfig(cudnn_prefill_attention=True)) == "1"
+    assert variable not in os.environ  # the server's own environment is left as it was
+    monkeypatch.setenv(variable, "1")
+    assert await seen(EngineConfig()) == "1"
+
+
+async def test_loading_a_model_does_not_hold_up_the_others(engine, model_path):
+    """A load reads its weights a piece per loop turn, between the batch steps of the models
+    already loaded: their streams go on while it loads."""
+    await engine._call(set_load_chunk_bytes, 1)  # one weight per turn
+    await engine._call(count_steps_while_loading)
+    tokens = 0
+
+    async def read(stream):
+        nonlocal tokens
+        async for chunk in stream:
+            tokens += len(chunk.token_ids)
+
+    reader = asyncio.create_task(read(engine.generate(LONG)))
+    while tokens == 0:
+        await asyncio.sleep(0.01)
+    before = tokens
+    info = await engine.load_model(ModelSource(local_path=str(model_path)), "second")
+    during = tokens - before
+    reader.cancel()
+    assert info.state is ModelState.READY
+    assert during >= 5, f"only {during} tokens while the model loaded"
+    # At least a step per weight read (the tiny model has 27, fused).
+    assert await engine._call(steps_while_loading) >= 27
+    text = GenerationRequest("second", text="Hello", max_tokens=8, ignore_eos=True)
+    assert [c async for c in engine.generate(text)][-1].usage.completion_tokens == 8
+    await engine.unload_model("second")
+    await wait_until_idle(engine)
+
+
+async def test_a_model_whose_weights_cannot_be_read_fails_to_load(engine, model_path, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_path, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadFailed):
+        await engine.load_model(ModelSource(local_path=str(broken)), "broken")
+    assert [m.model_id for m in engine.list_models()] == [MODEL_ID]
+    request = GenerationRequest(MODEL_ID, text="Hello", max_tokens=4, ignore_eos=True)
+    assert [c async for c in engine.generate(request)][-1].usage.completion_tokens == 4

@@ -234,7 +234,8 @@ def test_every_number_has_both_bounds():
             "engine.max_batch: unknown key (allowed: max_batch_size, max_queued_requests, "
             "prefill_batch_size, prefill_step_size, coalesce_seconds, prefix_cache_bytes, "
             "prefix_cache_entries, retry_after_seconds, wedge_timeout_seconds, "
-            "prefill_gather_seconds, fuse_projections, decode_attention_kernel)",
+            "prefill_gather_seconds, fuse_projections, decode_attention_kernel, "
+            "cudnn_prefill_attention)",
         ),
         (
             {

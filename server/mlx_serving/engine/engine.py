@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from .config import EngineConfig
+from .config import EngineConfig, mlx_environment
 from .errors import (
     EngineOverloaded,
     EngineUnavailable,
@@ -95,7 +96,8 @@ class Engine:
             name="mlx-engine",
             daemon=True,
         )
-        await asyncio.to_thread(self._process.start)
+        with environment(mlx_environment(self.config)):
+            await asyncio.to_thread(self._process.start)
         commands_out.close()
         results_in.close()
         self._commands, self._results = commands_in, results_out
@@ -449,3 +451,15 @@ def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
         text="".join(c.text for c in chunks),
         token_ids=tuple(t for c in chunks for t in c.token_ids),
     )
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """Set, for a child process to inherit, the variables not already set; then unset them."""
+    added = {name: value for name, value in variables.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)

@@ -120,7 +120,6 @@ def concatenate_linears(linears: list[nn.Module]) -> nn.Module | None:
         value = first[name]
         if isinstance(value, mx.array):
             fused[name] = mx.concatenate([layer[name] for layer in linears], axis=0)
-    mx.eval(fused.parameters())
     return fused
 
 
@@ -128,6 +127,7 @@ def fuse_projections(model: nn.Module, decode_kernel: bool = True) -> int:
     """Fuses every attention and MLP of a known class in `model`, in place; returns how many.
 
     `decode_kernel`: whether fused attention may use decode_attention's kernel (CUDA only).
+    The fused weights are computed lazily, with the rest of a lazily loaded model's.
     """
     fused = 0
     for _, module in model.named_modules():

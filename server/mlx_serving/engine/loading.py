@@ -9,8 +9,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm import utils as mlx_lm_utils
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import get_total_parameters, load
+from mlx_lm.utils import get_total_parameters
 
 from .errors import ModelLoadFailed, ModelSourceNotFound
 from .fusion import fuse_projections
@@ -55,18 +56,39 @@ def resolve_model_path(source: ModelSource) -> Path:
         ) from None
 
 
-def load_model(
-    source: ModelSource, model_id: str, fuse: bool = False, decode_kernel: bool = True
-) -> LoadedModel:
-    path = resolve_model_path(source)
+def build_model(path: Path, fuse: bool = False, decode_kernel: bool = True) -> tuple:
+    """(model, config) with the weights not read yet (lazy), projections fused if asked: the
+    engine reads them a chunk at a time between batch steps (see `weight_chunks`)."""
     try:
-        model, tokenizer, config = load(str(path), return_config=True)
+        model, config = mlx_lm_utils.load_model(path, lazy=True)
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from None
     if fuse:
         fuse_projections(model, decode_kernel=decode_kernel)
-    info = describe_model(model_id, source, model, tokenizer, config)
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, path=path)
+    return model, config
+
+
+def read_tokenizer(path: Path, config: dict[str, Any]) -> TokenizerWrapper:
+    try:
+        return mlx_lm_utils.load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as exc:
+        raise ModelLoadFailed(
+            f"cannot load the tokenizer of {str(path)!r}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def weight_chunks(model: nn.Module, max_bytes: int) -> list[list[mx.array]]:
+    """The model's weights in order, in groups of at most `max_bytes` (or one weight, if
+    larger): reading one group is a short pause, not the whole model's."""
+    chunks: list[list[mx.array]] = [[]]
+    size = 0
+    for _, weight in tree_flatten(model.parameters()):
+        if chunks[-1] and size + weight.nbytes > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(weight)
+        size += weight.nbytes
+    return [chunk for chunk in chunks if chunk]
 
 
 def describe_model(

@@ -13,9 +13,10 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -25,7 +26,13 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from .batch_cache import make_cache
 from .config import EngineConfig
 from .detokenizer import StreamingDetokenizer
-from .errors import FieldViolation, InvalidRequest, RequestAborted
+from .errors import (
+    FieldViolation,
+    InvalidRequest,
+    ModelLoadFailed,
+    ModelSourceNotFound,
+    RequestAborted,
+)
 from .events import (
     Event,
     GenerationCompleted,
@@ -35,8 +42,15 @@ from .events import (
     RuntimeStatus,
     TokenGenerated,
 )
-from .loading import LoadedModel, load_model
-from .models import ModelInfo, ModelSource
+from .loading import (
+    LoadedModel,
+    build_model,
+    describe_model,
+    read_tokenizer,
+    resolve_model_path,
+    weight_chunks,
+)
+from .models import ModelSource
 from .observer import EngineObserver, RecordingObserver
 from .requests import FinishReason, GenerationChunk, GenerationRequest, Usage
 from .sampling import make_logits_processors, make_sampler
@@ -52,6 +66,12 @@ END = "end"
 RENDER_THREAD_ROWS = 4
 # The finish reason events and metrics give a sequence the engine ended (unload, shutdown).
 ABORTED = "aborted"
+# A loading model's weights are read this many bytes per loop turn, between batch steps.
+LOAD_CHUNK_BYTES = 256 << 20
+# How long an otherwise idle engine that is loading a model waits for a command at a time.
+LOADING_POLL_SECONDS = 0.005
+# Returned by a command whose caller is answered later (see `_run_command`).
+DEFERRED = object()
 
 
 @dataclass(eq=False)
@@ -77,6 +97,24 @@ class Sequence:
     last_token_time: float = 0.0
     completion_tokens: int = 0
     uid: int = -1
+
+
+@dataclass
+class Loading:
+    """A model being loaded without holding up the batches of the models already loaded: its
+    directory is found (or downloaded) and its tokenizer read on a thread, and its weights
+    are read a chunk per loop turn, between batch steps."""
+
+    call_id: int
+    model_id: str
+    source: ModelSource
+    started: float
+    # The thread's job in hand: the model's directory, then its tokenizer.
+    job: Future
+    path: Path | None = None
+    model: Any = None
+    config: dict = field(default_factory=dict)
+    chunks: list = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +159,9 @@ class Scheduler:
             max_size=config.prefix_cache_entries, max_bytes=config.prefix_cache_bytes
         )
         self.running = True
+        self.loading: list[Loading] = []
+        self.load_chunk_bytes = LOAD_CHUNK_BYTES
+        self._call_id: int | None = None
         self._deliveries: list[tuple[int, Any]] = []
         self._events_out: list[Event] = []
         self._status = ""
@@ -132,6 +173,7 @@ class Scheduler:
     def run(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
         self._renderer = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-render")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-loader")
         try:
             with mx.stream(self._stream):
                 while self.running:
@@ -141,6 +183,8 @@ class Scheduler:
                         if slot:
                             self._step(slot)
                     self._stepping.value = 0.0
+                    if self.loading:
+                        self._continue_loading()
                     self._report_status()
                     self.deliver()
         except BaseException as exc:
@@ -148,7 +192,11 @@ class Scheduler:
             self.deliver()  # what was already decided, such as events of admitted requests
             self._reply("failed", f"engine loop died: {type(exc).__name__}")
         finally:
+            for loading in self.loading:
+                stopped = ModelLoadFailed(f"the engine stopped before {loading.model_id!r} loaded")
+                self._send_result(loading.call_id, False, stopped)
             self._renderer.shutdown()
+            self._loader.shutdown(wait=False, cancel_futures=True)
             self._reply("stopped")
 
     def _reply(self, *message: Any) -> None:
@@ -172,17 +220,19 @@ class Scheduler:
             self._publish(Event(RuntimeStatus(status, len(self.slots), active)))
 
     def _take_commands(self) -> None:
-        busy = any(self.slots.values())
-        if not busy:
-            self._run_command(self._commands.recv())
-            # Idle → busy: give concurrent arrivals a moment to join the first step.
-            time.sleep(self.config.coalesce_seconds)
+        if not any(self.slots.values()):
+            # Idle, unless loading: then look at the pipe between pieces of the load.
+            if self._commands.poll(LOADING_POLL_SECONDS if self.loading else None):
+                self._run_command(self._commands.recv())
+                # Idle → busy: give concurrent arrivals a moment to join the first step.
+                time.sleep(self.config.coalesce_seconds)
         while self.running and self._commands.poll():
             self._run_command(self._commands.recv())
 
     def _run_command(self, command: tuple[int | None, Callable, tuple]) -> None:
         """`fn(self, *args)`; a caller that waits (a call id) gets the result or the error."""
         call_id, fn, args = command
+        self._call_id = call_id
         try:
             ok, value = True, fn(self, *args)
         except Exception as exc:
@@ -191,6 +241,11 @@ class Scheduler:
             if not ok:
                 log.error("engine command %s failed", getattr(fn, "__name__", fn), exc_info=value)
             return
+        if ok and value is DEFERRED:
+            return
+        self._send_result(call_id, ok, value)
+
+    def _send_result(self, call_id: int, ok: bool, value: Any) -> None:
         self.deliver()  # the command's events reach the facade before its result
         try:
             payload = pickle.dumps(("result", call_id, ok, value))
@@ -211,15 +266,52 @@ class Scheduler:
             events, self._events_out = self._events_out, []
             self._reply("step", deliveries, events, observations)
 
-    def load(self, source: ModelSource, model_id: str) -> tuple[ModelInfo, str]:
-        started = time.perf_counter()
-        loaded = load_model(
-            source,
-            model_id,
-            fuse=self.config.fuse_projections,
-            decode_kernel=self.config.decode_attention_kernel,
+    def load(self, source: ModelSource, model_id: str) -> Any:
+        """Start loading; the caller is answered `(info, path)` once the model is ready."""
+        job = self._loader.submit(resolve_model_path, source)
+        self.loading.append(Loading(self._call_id, model_id, source, time.perf_counter(), job))
+        return DEFERRED
+
+    def _continue_loading(self) -> None:
+        """One short piece of the oldest load: build the (lazy) model once its directory is
+        found, read one chunk of its weights, or finish once its tokenizer is read."""
+        loading = self.loading[0]
+        try:
+            if loading.path is None:
+                if not loading.job.done():
+                    return
+                loading.path = loading.job.result()
+                loading.model, loading.config = build_model(
+                    loading.path,
+                    fuse=self.config.fuse_projections,
+                    decode_kernel=self.config.decode_attention_kernel,
+                )
+                loading.chunks = weight_chunks(loading.model, self.load_chunk_bytes)
+                loading.job = self._loader.submit(read_tokenizer, loading.path, loading.config)
+            elif loading.chunks:
+                mx.eval(loading.chunks.pop(0))
+            elif loading.job.done():
+                self._finish_loading(loading, loading.job.result())
+        except Exception as exc:
+            if self.loading and self.loading[0] is loading:
+                self.loading.pop(0)
+            if not isinstance(exc, (ModelLoadFailed, ModelSourceNotFound)):
+                exc = ModelLoadFailed(
+                    f"cannot load {str(loading.path)!r}: {type(exc).__name__}: {exc}"
+                )
+            self._send_result(loading.call_id, False, exc)
+            mx.clear_cache()
+
+    def _finish_loading(self, loading: Loading, tokenizer) -> None:
+        loaded = LoadedModel(
+            model=loading.model,
+            tokenizer=tokenizer,
+            info=describe_model(
+                loading.model_id, loading.source, loading.model, tokenizer, loading.config
+            ),
+            path=loading.path,
         )
-        eos = sorted(loaded.tokenizer.eos_token_ids)
+        eos = sorted(tokenizer.eos_token_ids)
         generator = BatchGenerator(
             loaded.model,
             stop_tokens=[[t] for t in eos],
@@ -228,10 +320,11 @@ class Scheduler:
             prefill_step_size=self.config.prefill_step_size,
             stream=self._stream,
         )
-        self.slots[model_id] = ModelSlot(loaded=loaded, generator=generator)
+        self.loading.pop(0)
+        self.slots[loading.model_id] = ModelSlot(loaded=loaded, generator=generator)
         self.observer.models_loaded(len(self.slots))
-        self._publish(loaded_event(loaded, time.perf_counter() - started))
-        return loaded.info, str(loaded.path)
+        self._publish(loaded_event(loaded, time.perf_counter() - loading.started))
+        self._send_result(loading.call_id, True, (loaded.info, str(loaded.path)))
 
     def unload(self, model_id: str) -> None:
         slot = self.slots.pop(model_id)

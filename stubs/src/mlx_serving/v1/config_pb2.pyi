@@ -33,7 +33,7 @@ class ServerSettings(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel")
+    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class EngineSettings(_message.Message):
     PREFILL_GATHER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FUSE_PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     DECODE_ATTENTION_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    CUDNN_PREFILL_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queued_requests: int
     prefill_batch_size: int
@@ -58,7 +59,8 @@ class EngineSettings(_message.Message):
     prefill_gather_seconds: float
     fuse_projections: bool
     decode_attention_kernel: bool
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ...) -> None: ...
+    cudnn_prefill_attention: bool
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ...) -> None: ...
 
 class TelemetrySettings(_message.Message):
     __slots__ = ("enabled", "service_name", "prometheus_port", "export_interval_ms", "otlp_endpoint", "prometheus_host")
