@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import os
 import shutil
 
@@ -220,10 +221,20 @@ async def test_loading_a_model_does_not_hold_up_the_others(engine, model_path):
     while tokens == 0:
         await asyncio.sleep(0.01)
     before = tokens
-    info = await engine.load_model(ModelSource(local_path=str(model_path)), "second")
+    load = asyncio.create_task(engine.load_model(ModelSource(local_path=str(model_path)), "second"))
+    progress = set()
+    while not load.done():
+        with contextlib.suppress(ModelNotFound):  # not registered yet
+            loading = engine.get_model("second")
+            progress.add((loading.weight_bytes_loaded, loading.weight_bytes))
+        await asyncio.sleep(0.001)
+    info = await load
     during = tokens - before
     reader.cancel()
     assert info.state is ModelState.READY
+    # Its progress showed while it loaded: bytes read of the weights' size.
+    assert info.weight_bytes == info.weight_bytes_loaded > 0
+    assert any(0 < read < size == info.weight_bytes for read, size in progress), progress
     assert during >= 5, f"only {during} tokens while the model loaded"
     # At least a step per weight read (the tiny model has 27, fused).
     assert await engine._call(steps_while_loading) >= 27

@@ -25,6 +25,7 @@ async def test_list_models_describes_the_preloaded_model(models, model_path):
     assert model.parameter_count > 1_000_000 and model.has_chat_template
     assert not model.HasField("quantization")
     assert model.loaded_time.seconds > 0
+    assert model.weight_bytes == model.weight_bytes_loaded >= 4 * model.parameter_count
 
 
 async def test_get_model_is_the_listed_model(models):

@@ -394,6 +394,11 @@ class Engine:
                     ticket.outbox.put_nowait(item)
             replay(self._observer, observations)
             self.events.publish_all(events)
+        elif kind == "loading":
+            model_id, read, total = body
+            info = self._infos.get(model_id)
+            if info is not None and info.state is ModelState.LOADING:
+                self._infos[model_id] = replace(info, weight_bytes=total, weight_bytes_loaded=read)
         elif kind == "result":
             call_id, ok, value = body
             future = self._calls.get(call_id)

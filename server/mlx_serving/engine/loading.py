@@ -77,6 +77,10 @@ def read_tokenizer(path: Path, config: dict[str, Any]) -> TokenizerWrapper:
         ) from None
 
 
+def weight_bytes(model: nn.Module) -> int:
+    return sum(weight.nbytes for _, weight in tree_flatten(model.parameters()))
+
+
 def weight_chunks(model: nn.Module, max_bytes: int) -> list[list[mx.array]]:
     """The model's weights in order, in groups of at most `max_bytes` (or one weight, if
     larger): reading one group is a short pause, not the whole model's."""
@@ -99,6 +103,7 @@ def describe_model(
     config: dict[str, Any],
 ) -> ModelInfo:
     quantization = config.get("quantization")
+    size = weight_bytes(model)
     return ModelInfo(
         model_id=model_id,
         source=source,
@@ -117,6 +122,8 @@ def describe_model(
         has_chat_template=tokenizer.chat_template is not None,
         architecture=config.get("model_type", ""),
         loaded_time=time.time(),
+        weight_bytes=size,
+        weight_bytes_loaded=size,
     )
 
 

@@ -44,3 +44,6 @@ class ModelInfo:
     has_chat_template: bool = False
     architecture: str = ""
     loaded_time: float | None = None
+    # The weights' size in memory, and how much of it is read (a load's progress).
+    weight_bytes: int = 0
+    weight_bytes_loaded: int = 0

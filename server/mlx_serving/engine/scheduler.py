@@ -48,6 +48,7 @@ from .loading import (
     describe_model,
     read_tokenizer,
     resolve_model_path,
+    weight_bytes,
     weight_chunks,
 )
 from .models import ModelSource
@@ -115,6 +116,8 @@ class Loading:
     model: Any = None
     config: dict = field(default_factory=dict)
     chunks: list = field(default_factory=list)
+    total_bytes: int = 0
+    read_bytes: int = 0
 
 
 @dataclass
@@ -287,9 +290,14 @@ class Scheduler:
                     decode_kernel=self.config.decode_attention_kernel,
                 )
                 loading.chunks = weight_chunks(loading.model, self.load_chunk_bytes)
+                loading.total_bytes = weight_bytes(loading.model)
                 loading.job = self._loader.submit(read_tokenizer, loading.path, loading.config)
+                self._reply("loading", loading.model_id, 0, loading.total_bytes)
             elif loading.chunks:
-                mx.eval(loading.chunks.pop(0))
+                chunk = loading.chunks.pop(0)
+                mx.eval(chunk)
+                loading.read_bytes += sum(w.nbytes for w in chunk)
+                self._reply("loading", loading.model_id, loading.read_bytes, loading.total_bytes)
             elif loading.job.done():
                 self._finish_loading(loading, loading.job.result())
         except Exception as exc:

@@ -183,6 +183,8 @@ def model_pb_from_info(info: ModelInfo) -> model_pb.Model:
         has_chat_template=info.has_chat_template,
         architecture=info.architecture,
         loaded_time=timestamp(info.loaded_time) if info.loaded_time is not None else None,
+        weight_bytes=info.weight_bytes,
+        weight_bytes_loaded=info.weight_bytes_loaded,
     )
 
 

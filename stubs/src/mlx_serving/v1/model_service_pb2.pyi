@@ -47,7 +47,7 @@ class Quantization(_message.Message):
     def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("model_id", "source", "state", "context_length", "parameter_count", "dtype", "quantization", "vocab_size", "has_chat_template", "architecture", "loaded_time")
+    __slots__ = ("model_id", "source", "state", "context_length", "parameter_count", "dtype", "quantization", "vocab_size", "has_chat_template", "architecture", "loaded_time", "weight_bytes", "weight_bytes_loaded")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class Model(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     LOADED_TIME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     source: ModelSource
     state: ModelState
@@ -70,7 +72,9 @@ class Model(_message.Message):
     has_chat_template: bool
     architecture: str
     loaded_time: _timestamp_pb2.Timestamp
-    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[ModelSource, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., context_length: _Optional[int] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., architecture: _Optional[str] = ..., loaded_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    weight_bytes: int
+    weight_bytes_loaded: int
+    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[ModelSource, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., context_length: _Optional[int] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., architecture: _Optional[str] = ..., loaded_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_bytes_loaded: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model_id", "source")
