@@ -2,13 +2,16 @@
 
 Usage:
   python scripts/bench.py [--model-preset small | --model PATH] [--concurrency 1,4,16,32]
-                          [--max-tokens 128] [--prompt-tokens 118] [--requests-per-level N]
+                          [--max-tokens 128] [--prompt-tokens 118 | MIN-MAX]
+                          [--requests-per-level N]
                           [--rounds 1] [--skip mlx_lm_server] [--engine KEY=VALUE ...]
                           [--json OUT]
 
 Every backend gets the same prompts (the same token ids, distinct first tokens so no prefix
 cache helps), the same max_tokens, greedy decoding and EOS ignored, as closed-loop clients:
-each of N clients sends its next request when the previous one ends.
+each of N clients sends its next request when the previous one ends. `--prompt-tokens MIN-MAX`
+gives each prompt its own length in that range, as a server's traffic would, so that shapes
+the warm-up did not see turn up inside measured rounds (the issue's runs use one length).
 
 Both servers are started (and warmed up) once and the raw BatchGenerator is loaded in this
 process; then each level runs on one backend at a time, never two at once (an idle server
@@ -214,17 +217,24 @@ async def closed_loop(
 
 
 def make_prompts(
-    tokenizer, count: int, n_tokens: int, seed: int = 0, firsts: set[int] | None = None
+    tokenizer,
+    count: int,
+    n_tokens: int | tuple[int, int],
+    seed: int = 0,
+    firsts: set[int] | None = None,
 ) -> list[Prompt]:
-    """Distinct prompts of exactly n_tokens ids that survive decode → encode unchanged.
+    """Distinct prompts of exactly n_tokens ids (or each of its own length in a (min, max)
+    range, drawn from `seed`) that survive decode → encode unchanged.
 
     Distinct first tokens (none of them in, and each added to, `firsts`) keep every prefix
     cache (ours and mlx_lm.server's) out of play.
     """
     from mlx_serving.engine.default_model import CORPUS
 
+    shortest, longest = (n_tokens, n_tokens) if isinstance(n_tokens, int) else n_tokens
     words, rng = CORPUS.split(), random.Random(seed)
     prompts, firsts = [], set() if firsts is None else firsts
+    n_tokens = rng.randint(shortest, longest)
     for _ in range(count * 200):
         text = " ".join(rng.choice(words) for _ in range(2 * n_tokens + 20))
         offset = rng.randrange(8)
@@ -235,6 +245,7 @@ def make_prompts(
             firsts.add(ids[0])
             if len(prompts) == count:
                 return prompts
+            n_tokens = rng.randint(shortest, longest)
     raise SystemExit(f"could only make {len(prompts)} distinct {n_tokens}-token prompts")
 
 
@@ -671,7 +682,7 @@ class Plan:
     levels: list[int]
     rounds: int
     max_tokens: int
-    prompt_tokens: int
+    prompt_tokens: tuple[int, int]
     # (prompts, concurrency) stages, run in order before anything is measured
     warmup: list[tuple[list[Prompt], int]]
     # level → one list of prompts per round
@@ -768,7 +779,7 @@ def format_level(c: int, rows: dict[str, LevelResult], plan: Plan, checks: list[
     n = len(plan.prompts[c][0])
     lines = [
         f"\n== concurrency {c}: {n} requests x {plan.rounds} round(s), "
-        f"{plan.prompt_tokens} prompt tokens, max_tokens {plan.max_tokens} ==",
+        f"{describe_lengths(plan.prompt_tokens)} prompt tokens, max_tokens {plan.max_tokens} ==",
         f"{'backend':<14}{'tok/s':>8}{'(min-max)':>16}{'TTFT p50':>11}{'TTFT p95':>11}"
         f"{'ITL p50':>10}{'fail':>5}{'short':>6}{'cpu srv/cli':>13}  prompt_tokens",
     ]
@@ -802,8 +813,16 @@ def format_row(r: LevelResult) -> str:
     return (
         f"{r.backend:<14}{r.tok_s:>8.1f}{spread:>16}{r.ttft_p50_ms:>9.1f}ms{r.ttft_p95_ms:>9.1f}ms"
         f"{r.itl_p50_ms:>8.1f}ms{r.failures:>5}{r.short:>6}{format_cpu(r):>13}"
-        f"  {r.prompt_tokens}{errors}"
+        f"  {describe_lengths(r.prompt_tokens)}{errors}"
     )
+
+
+def describe_lengths(lengths) -> str:
+    """118, or 64-256 for a range (a (min, max) pair, or the lengths seen)."""
+    if not lengths:
+        return "-"
+    shortest, longest = min(lengths), max(lengths)
+    return str(shortest) if shortest == longest else f"{shortest}-{longest}"
 
 
 def format_cpu(r: LevelResult) -> str:
@@ -891,12 +910,24 @@ def engine_setting(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def length_range(text: str) -> tuple[int, int]:
+    """118, or 64-256."""
+    shortest, _, longest = text.partition("-")
+    try:
+        pair = int(shortest), int(longest or shortest)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of tokens, or MIN-MAX") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return pair
+
+
 def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser, default_preset="small")
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=118)
+    parser.add_argument("--prompt-tokens", type=length_range, default=(118, 118))
     parser.add_argument(
         "--requests-per-level",
         type=int,

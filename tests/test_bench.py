@@ -3,11 +3,14 @@
 Timing thresholds are the script's business (ratios measured side by side), never a test's.
 """
 
+import argparse
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,23 @@ def test_bench_reports_positive_figures(tmp_path):
             for key in ("tok_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms"):
                 assert math.isfinite(row[key]) and row[key] > 0, key
     assert {check["name"] for check in report["checks"]} == {"tok/s mlx_serving/raw"}
+
+
+def test_prompts_can_each_have_their_own_length(model_path, monkeypatch):
+    """--prompt-tokens MIN-MAX: distinct prompts of lengths spread over the range."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench
+
+    assert bench.length_range("118") == (118, 118)
+    assert bench.length_range("64-256") == (64, 256)
+    for bad in ("9-3", "0", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.length_range(bad)
+    prompts = bench.make_prompts(load_tokenizer(model_path), 12, (20, 40), seed=3)
+    lengths = [len(prompt.ids) for prompt in prompts]
+    assert all(20 <= n <= 40 for n in lengths) and len(set(lengths)) > 3
+    assert len({prompt.ids[0] for prompt in prompts}) == 12
+    assert bench.describe_lengths(lengths) == f"{min(lengths)}-{max(lengths)}"
+    assert bench.describe_lengths((118, 118)) == "118"
