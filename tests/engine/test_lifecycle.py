@@ -31,6 +31,7 @@ from mlx_serving.engine.events import (
 )
 from mlx_serving.engine.models import ModelSource, ModelState
 from mlx_serving.engine.requests import GenerationRequest, SamplingParams
+from mlx_serving.engine.scheduler import backend_conflict, installed_mlx_backends
 
 MODEL_ID = "tiny"  # loaded by the engine fixture in conftest.py
 
@@ -254,3 +255,10 @@ async def test_a_model_whose_weights_cannot_be_read_fails_to_load(engine, model_
     assert [m.model_id for m in engine.list_models()] == [MODEL_ID]
     request = GenerationRequest(MODEL_ID, text="Hello", max_tokens=4, ignore_eos=True)
     assert [c async for c in engine.generate(request)][-1].usage.completion_tokens == 4
+
+
+def test_two_mlx_backends_installed_side_by_side_are_reported():
+    assert installed_mlx_backends()  # this machine runs MLX on one of them
+    assert backend_conflict(["mlx-cpu"]) is None
+    message = backend_conflict(["mlx-cpu", "mlx-cuda-13"])
+    assert "pip uninstall -y mlx-cpu mlx-cuda-13 && pip install mlx-cuda-13==" in message

@@ -8,6 +8,8 @@ args)` over one pipe; results go back over another, once per step for every requ
 every event and every observer call together.
 """
 
+import contextlib
+import importlib.metadata
 import logging
 import pickle
 import signal
@@ -793,4 +795,33 @@ def run_engine_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    log.info("MLX %s on %s", mx.__version__, mx.default_device())
+    if conflict := backend_conflict(installed_mlx_backends()):
+        log.warning(conflict)
     Scheduler(config, commands, results, stepping).run()
+
+
+MLX_BACKENDS = ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal")
+
+
+def installed_mlx_backends() -> list[str]:
+    backends = []
+    for name in MLX_BACKENDS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.distribution(name)
+            backends.append(name)
+    return backends
+
+
+def backend_conflict(backends: list[str]) -> str | None:
+    """MLX's backend packages all ship mlx/lib/libmlx.so: with two installed, the one installed
+    last runs, whichever that was, and removing either breaks the other."""
+    if len(backends) < 2:
+        return None
+    keep = next((name for name in backends if name.startswith("mlx-cuda")), backends[-1])
+    others = " ".join(name for name in backends if name != keep)
+    return (
+        f"MLX backends {', '.join(backends)} are installed side by side and overwrite each "
+        f"other's library; keep one: pip uninstall -y {others} {keep} && "
+        f"pip install {keep}=={mx.__version__}"
+    )
