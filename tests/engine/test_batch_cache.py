@@ -117,3 +117,28 @@ def test_a_batch_generator_gives_the_same_tokens_with_host_caches(model_path):
     stock = run(lambda model: [KVCache() for _ in model.layers])
     host = run(make_cache)
     assert host == stock and len(host) == 10
+
+
+def test_a_row_taken_out_does_not_keep_the_batch_buffer_alive():
+    """mlx-lm's extract leaves the row a lazy slice of the batch's buffer: kept (as the prefix
+    cache keeps it) while the batch decodes on, it holds a whole buffer per row taken."""
+
+    def growth(merge, cache_class) -> int:
+        mx.synchronize()
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        batch = merge([filled(cache_class, 300, i) for i in range(16)])
+        kept = []
+        for step in range(12):
+            kept.append(batch.extract(step))
+            keys = mx.random.normal((16, HEADS, 1, DIM), key=mx.random.key(step))
+            batch.update_and_fetch(keys, keys)
+            mx.eval(batch.keys, batch.values)
+        mx.synchronize()
+        grown = mx.get_active_memory() - before
+        del batch, kept
+        return grown
+
+    stock = growth(KVCache.merge, KVCache)
+    host = growth(HostKVCache.merge, HostKVCache)
+    assert host * 3 < stock, (host, stock)

@@ -7,7 +7,8 @@ prefix cache), it reads that array back with `.tolist()`, once per layer: every 
 the step in flight and costs a device round trip, a stall of several decode steps for every
 running sequence. These subclasses keep the same padding in a Python list beside the array,
 updated by the same operations, and read that instead. The device arrays, and so every
-attention mask and every token, are exactly what mlx-lm computes.
+attention mask and every token, are exactly what mlx-lm computes. A row taken out is also
+copied out at once (see `HostBatchKVCache.extract`).
 """
 
 import mlx.core as mx
@@ -84,11 +85,15 @@ class HostBatchKVCache(BatchKVCache):
         self.host_left_padding = padded
 
     def extract(self, idx):
+        """One row's cache, copied out now (asynchronously): left lazy, as mlx-lm leaves it,
+        the copy would keep the whole batch's buffer of every layer alive for as long as the
+        prefix cache keeps the row, and cost the next step a full copy of that buffer."""
         padding = self.host_left_padding[idx]
         cache = HostKVCache()
         cache.keys = mx.contiguous(self.keys[idx : idx + 1, :, padding : self._idx])
         cache.values = mx.contiguous(self.values[idx : idx + 1, :, padding : self._idx])
         cache.offset = cache.keys.shape[2]
+        mx.async_eval(cache.keys, cache.values)
         return cache
 
 
