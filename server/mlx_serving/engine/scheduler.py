@@ -70,8 +70,9 @@ RENDER_THREAD_ROWS = 4
 # The finish reason events and metrics give a sequence the engine ended (unload, shutdown).
 ABORTED = "aborted"
 # A loading model's weights are read this many bytes per loop turn, between batch steps.
-LOAD_CHUNK_BYTES = 256 << 20
-# How long an otherwise idle engine that is loading a model waits for a command at a time.
+LOAD_CHUNK_BYTES = 64 << 20
+# How long an otherwise idle engine waits for a command at a time while a load waits on its
+# thread (finding the model, reading its tokenizer).
 LOADING_POLL_SECONDS = 0.005
 # Returned by a command whose caller is answered later (see `_run_command`).
 DEFERRED = object()
@@ -227,12 +228,21 @@ class Scheduler:
     def _take_commands(self) -> None:
         if not any(self.slots.values()):
             # Idle, unless loading: then look at the pipe between pieces of the load.
-            if self._commands.poll(LOADING_POLL_SECONDS if self.loading else None):
+            if self._commands.poll(self._idle_wait()):
                 self._run_command(self._commands.recv())
                 # Idle → busy: give concurrent arrivals a moment to join the first step.
                 time.sleep(self.config.coalesce_seconds)
         while self.running and self._commands.poll():
             self._run_command(self._commands.recv())
+
+    def _idle_wait(self) -> float | None:
+        """How long an idle loop may wait for a command: for ever, unless a model is loading;
+        a moment if that load waits on its thread; not at all if it has weights to read."""
+        if not self.loading:
+            return None
+        head = self.loading[0]
+        waiting = head.path is None or (not head.chunks and not head.job.done())
+        return LOADING_POLL_SECONDS if waiting else 0.0
 
     def _run_command(self, command: tuple[int | None, Callable, tuple]) -> None:
         """`fn(self, *args)`; a caller that waits (a call id) gets the result or the error."""
