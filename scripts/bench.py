@@ -86,6 +86,10 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int | None = None
     error: str | None = None
+    # As the engine measured them (the final message's usage): from admission to the first
+    # token, and the request's decode rate. The client's figures minus these are the wire's.
+    engine_ttft: float | None = None
+    engine_tok_s: float | None = None
 
     def arrived(self, n: int, now: float) -> None:
         """n tokens reached the client in one message; its gap is spread over them."""
@@ -137,6 +141,11 @@ class LevelResult:
     itl_p50_ms: float
     prompt_tokens: list[int]
     errors: list[str]
+    # Inside the engine (mlx_serving and engine only; None for the others): TTFT from
+    # admission, and the decode interval (1 / the request's tokens/s), over every request.
+    engine_ttft_p50_ms: float | None
+    engine_ttft_p95_ms: float | None
+    engine_itl_p50_ms: float | None
     # CPU seconds per round of the server process and of this (client) process; for raw,
     # everything runs in this process and counts as server. None where unreadable.
     server_cpu_s: float | None
@@ -149,6 +158,8 @@ def summarize(backend: str, concurrency: int, rounds: list[Round], max_tokens: i
     ttft = [1e3 * (r.first - r.start) for r in ok]
     itl = [1e3 * gap for r in ok for gap in r.itl]
     tok_s = [one.tok_s for one in rounds]
+    engine_ttft = [1e3 * r.engine_ttft for r in ok if r.engine_ttft is not None]
+    engine_itl = [1e3 / r.engine_tok_s for r in ok if r.engine_tok_s]
     return LevelResult(
         backend=backend,
         concurrency=concurrency,
@@ -167,6 +178,9 @@ def summarize(backend: str, concurrency: int, rounds: list[Round], max_tokens: i
         itl_p50_ms=percentile(itl, 50),
         prompt_tokens=sorted({r.prompt_tokens for r in ok if r.prompt_tokens is not None}),
         errors=sorted({r.error for r in results if r.error})[:5],
+        engine_ttft_p50_ms=percentile(engine_ttft, 50) if engine_ttft else None,
+        engine_ttft_p95_ms=percentile(engine_ttft, 95) if engine_ttft else None,
+        engine_itl_p50_ms=percentile(engine_itl, 50) if engine_itl else None,
         server_cpu_s=mean_or_none([one.server_cpu_s for one in rounds]),
         client_cpu_s=mean_or_none([one.client_cpu_s for one in rounds]),
     )
@@ -417,6 +431,9 @@ class MlxServingBackend(ServerBackend):
                 result.arrived(len(reply.token_ids), time.perf_counter())
                 if reply.HasField("usage"):
                     result.prompt_tokens = reply.usage.prompt_tokens
+                    ttft = reply.usage.time_to_first_token
+                    result.engine_ttft = ttft.seconds + ttft.nanos / 1e9
+                    result.engine_tok_s = reply.usage.tokens_per_second
         except Exception as exc:
             result.error = describe_error(exc)
         return result
@@ -669,6 +686,9 @@ class EngineBackend:
         try:
             async for chunk in self.engine.generate(request):
                 result.arrived(len(chunk.token_ids), time.perf_counter())
+                if chunk.usage is not None:
+                    result.engine_ttft = chunk.usage.time_to_first_token
+                    result.engine_tok_s = chunk.usage.tokens_per_second
         except Exception as exc:
             result.error = describe_error(exc)
         return result
@@ -786,6 +806,13 @@ def format_level(c: int, rows: dict[str, LevelResult], plan: Plan, checks: list[
     for name in BACKENDS:
         if (r := rows.get(name)) is not None:
             lines.append(format_row(r))
+    for name in (MLX_SERVING, ENGINE):
+        if (r := rows.get(name)) is not None and r.engine_ttft_p50_ms is not None:
+            decode = "-" if r.engine_itl_p50_ms is None else f"{r.engine_itl_p50_ms:.2f}ms/token"
+            lines.append(
+                f"{name} inside the engine: TTFT p50 {r.engine_ttft_p50_ms:.1f}ms, "
+                f"p95 {r.engine_ttft_p95_ms:.1f}ms; decode {decode}"
+            )
     if (r := ratio(rows.get(ENGINE), rows.get(RAW), "tok_s")) is not None:
         lines.append(f"engine/raw (no wire): tok/s x{r:.3f}")
     ours = rows.get(MLX_SERVING)

@@ -42,6 +42,12 @@ def test_bench_reports_positive_figures(tmp_path):
             assert row["prompt_tokens"] == [118]
             for key in ("tok_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms"):
                 assert math.isfinite(row[key]) and row[key] > 0, key
+        # What the engine measured, next to what the client did: the wire is the difference.
+        for name in ("engine", "mlx_serving"):
+            row = level[name]
+            assert 0 < row["engine_ttft_p50_ms"] <= row["ttft_p50_ms"], name
+            assert row["engine_itl_p50_ms"] > 0, name
+        assert level["raw"]["engine_ttft_p50_ms"] is None
     assert {check["name"] for check in report["checks"]} == {"tok/s mlx_serving/raw"}
 
 
