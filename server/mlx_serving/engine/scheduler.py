@@ -499,14 +499,14 @@ class Scheduler:
                 self._mark_started(sequence, stepped_at)
         if rendering is not None:
             self._emit(slot, held_rows, rendering.result(), came_at)
-        at_once = responses
+        rows = live_rows(slot, responses)
         if len(responses) >= RENDER_THREAD_ROWS:
-            later, at_once = [], []
-            for response in responses:
-                (at_once if edge_of_sequence(slot, response) else later).append(response)
+            later = [response for sequence, response in rows if not at_edge(sequence, response)]
+            rows = [
+                (sequence, response) for sequence, response in rows if at_edge(sequence, response)
+            ]
             slot.pending = (later, stepped_at) if later else None
-        if at_once:
-            rows = live_rows(slot, at_once)
+        if rows:
             self._emit(slot, rows, render_rows(slot.loaded.tokenizer, rows), stepped_at)
 
     def _emit(self, slot: ModelSlot, rows: list, rendered: list, now: float) -> None:
@@ -700,12 +700,9 @@ def live_rows(slot: ModelSlot, responses: list) -> list[tuple[Sequence, Any]]:
     return rows
 
 
-def edge_of_sequence(slot: ModelSlot, response: Any) -> bool:
+def at_edge(sequence: Sequence, response: Any) -> bool:
     """A sequence's first token, or the last of one mlx-lm ended: never held back a step."""
-    if response.finish_reason is not None:
-        return True
-    sequence = slot.sequences.get(response.uid)
-    return sequence is not None and sequence.completion_tokens == 0
+    return response.finish_reason is not None or sequence.completion_tokens == 0
 
 
 def render_rows(tokenizer, rows: list[tuple[Sequence, Any]]) -> list[tuple]:
