@@ -15,7 +15,12 @@ from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.models import ModelSource
 from mlx_serving.engine.observer import EngineObserver
 from mlx_serving.server.app import ServingApp
-from mlx_serving.server.telemetry import TelemetrySettings, make_telemetry
+from mlx_serving.server.telemetry import (
+    DEADLINE_SLACK_S,
+    TelemetrySettings,
+    final_code,
+    make_telemetry,
+)
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import events_service_pb2_grpc as events_grpc
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
@@ -243,3 +248,32 @@ async def test_an_expired_deadline_counts_as_deadline_exceeded(app, channel):
     assert pick(samples, finished) == {
         sample("requests_finished_total", model=MODEL_ID, finish_reason="cancelled"): 1
     }
+
+
+class LeftContext:
+    """What final_code reads of a servicer context whose client has gone."""
+
+    def __init__(self, remaining: float | None):
+        self.remaining = remaining
+
+    def time_remaining(self):
+        return self.remaining
+
+    def code(self):
+        return None
+
+
+@pytest.mark.parametrize(
+    ("remaining", "expected"),
+    [
+        (None, grpc.StatusCode.CANCELLED),
+        (5.0, grpc.StatusCode.CANCELLED),
+        (DEADLINE_SLACK_S + 0.01, grpc.StatusCode.CANCELLED),
+        # the client's clock started first: its deadline passed a moment before ours
+        (DEADLINE_SLACK_S / 2, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (-1.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+def test_a_client_leaving_at_its_deadline_counts_as_deadline_exceeded(remaining, expected):
+    assert final_code(LeftContext(remaining), asyncio.CancelledError()) is expected
