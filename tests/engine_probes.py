@@ -134,7 +134,7 @@ def count_steps_while_loading(scheduler: Scheduler) -> None:
     step = scheduler._step
 
     def counting_step(slot):
-        if getattr(scheduler, "loading", None):
+        if scheduler.loading:
             scheduler.steps_while_loading += 1
         step(slot)
 

@@ -501,10 +501,13 @@ class Scheduler:
             self._emit(slot, held_rows, rendering.result(), came_at)
         rows = live_rows(slot, responses)
         if len(responses) >= RENDER_THREAD_ROWS:
-            later = [response for sequence, response in rows if not at_edge(sequence, response)]
-            rows = [
-                (sequence, response) for sequence, response in rows if at_edge(sequence, response)
-            ]
+            now_rows, later = [], []
+            for sequence, response in rows:
+                if at_edge(sequence, response):
+                    now_rows.append((sequence, response))
+                else:
+                    later.append(response)
+            rows = now_rows
             slot.pending = (later, stepped_at) if later else None
         if rows:
             self._emit(slot, rows, render_rows(slot.loaded.tokenizer, rows), stepped_at)
