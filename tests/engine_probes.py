@@ -43,6 +43,29 @@ def break_steps(scheduler: Scheduler, model_id: str) -> None:
     scheduler.slots[model_id].generator.next = _broken_step
 
 
+def poison_seed(scheduler: Scheduler, seed: int) -> None:
+    """Requests with this seed get a sampler that raises (a sampling bug of one sequence)."""
+    from mlx_serving.engine import scheduler as module
+
+    original = module.make_sampler
+
+    def make_sampler(params):
+        if params.seed != seed:
+            return original(params)
+
+        def sample(logprobs):
+            raise ValueError("poisoned sampler")
+
+        return sample
+
+    module.make_sampler = make_sampler
+
+
+def break_loop(scheduler: Scheduler) -> None:
+    """The engine's loop itself raises after its next step, as a bug of the engine's would."""
+    scheduler._report_status = _broken_step
+
+
 def _broken_step():
     raise RuntimeError("injected fault")
 

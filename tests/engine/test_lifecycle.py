@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 from engine_probes import (
-    break_steps,
+    break_loop,
     count_steps_while_loading,
     environment_variable,
     set_load_chunk_bytes,
@@ -159,7 +159,7 @@ async def test_a_dead_engine_thread_ends_streams_and_says_so(engine):
     stream = engine.generate(LONG)
     await anext(stream)
 
-    await engine._call(break_steps, MODEL_ID)
+    await engine._call(break_loop)
     with pytest.raises(EngineUnavailable):
         async for _ in stream:
             pass

@@ -25,8 +25,9 @@ from mlx_serving.v1 import (
 MODEL_ID = "tiny"
 
 
-async def start_app(model_path, config: EngineConfig = EngineConfig()) -> ServingApp:
-    app = ServingApp(Engine(config), "127.0.0.1", 0)
+async def start_app(model_path, config: EngineConfig = EngineConfig(), **options) -> ServingApp:
+    """`options`: ServingApp's own (max_response_bytes, ...)."""
+    app = ServingApp(Engine(config), "127.0.0.1", 0, **options)
     await app.start([(MODEL_ID, ModelSource(local_path=str(model_path)))])
     return app
 

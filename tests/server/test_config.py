@@ -235,7 +235,9 @@ def test_every_number_has_both_bounds():
             "prefill_batch_size, prefill_step_size, coalesce_seconds, prefix_cache_bytes, "
             "prefix_cache_entries, retry_after_seconds, wedge_timeout_seconds, "
             "prefill_gather_seconds, fuse_projections, decode_attention_kernel, "
-            "cudnn_prefill_attention)",
+            "cudnn_prefill_attention, default_context_length, tokenizer_threads, "
+            "chat_template_workers, chat_template_timeout_seconds, max_concurrent_tokenize, "
+            "max_tokenize_bytes)",
         ),
         (
             {
@@ -301,11 +303,12 @@ def test_every_problem_is_reported_at_once(tmp_path):
     )
     env = {"MLX_SERVING_TELEMETRY_PROMETHEUS_PORT": "80", "MLX_SERVING_SERVER_PROT": "1"}
     assert problems(env, path, models=[{}]) == [
-        "server.hots: unknown key (allowed: host, port, shutdown_grace_seconds, log_level)",
+        "server.hots: unknown key (allowed: host, port, shutdown_grace_seconds, log_level, "
+        "max_response_bytes)",
         "engine.max_batch_size: expected an integer, got str 'a'",
         "MLX_SERVING_SERVER_PROT: unknown variable (allowed: MLX_SERVING_SERVER_HOST, "
         "MLX_SERVING_SERVER_PORT, MLX_SERVING_SERVER_SHUTDOWN_GRACE_SECONDS, "
-        "MLX_SERVING_SERVER_LOG_LEVEL)",
+        "MLX_SERVING_SERVER_LOG_LEVEL, MLX_SERVING_SERVER_MAX_RESPONSE_BYTES)",
         f"server.port: {between(0, 65535)}",
         "telemetry.enabled: value is required",
         f"telemetry.prometheus_port: {between(1024, 65535)}",
@@ -602,6 +605,7 @@ def test_config_print(tmp_path):
         "port": 8000,
         "shutdown_grace_seconds": 10.0,
         "log_level": "info",
+        "max_response_bytes": 4194304,
     }
     assert printed["engine"]["max_batch_size"] == 8
     assert printed["telemetry"]["service_name"] == "svc_1"

@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 import pytest_asyncio
-from engine_probes import break_steps, wedge_steps
+from engine_probes import break_loop, wedge_steps
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from wire_helpers import generate_all, rpc_error, violated_fields, wait_for_subscribers
 
@@ -142,7 +142,9 @@ async def test_a_slow_subscriber_loses_events_and_is_told_how_many(app):
         call = await subscribe(slow, app, types=[events_pb.EVENT_TYPE_TOKEN_GENERATED])
         app.engine.events.buffer_size = 1024
         async with grpc.aio.insecure_channel(app.address) as channel:
-            request = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=40)
+            request = generate_pb.GenerateRequest(
+                model_id=MODEL_ID, text="hi", max_tokens=40, ignore_eos=True
+            )
             await generate_all(generate_grpc.GenerateServiceStub(channel), request)
         received = []
         with contextlib.suppress(TimeoutError):
@@ -227,7 +229,7 @@ async def test_streams_end_cleanly_when_the_server_stops(app, channel):
 async def test_a_dead_engine_invalidates_its_models_and_says_so(app, channel, health):
     call = await subscribe(channel, app)
 
-    await app.engine._call(break_steps, MODEL_ID)
+    await app.engine._call(break_loop)
     request = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=5)
     error = await rpc_error(generate_grpc.GenerateServiceStub(channel).Generate(request))
     assert error.code() is grpc.StatusCode.UNAVAILABLE

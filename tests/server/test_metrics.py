@@ -7,7 +7,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 import pytest_asyncio
-from engine_probes import break_steps, wait_until_idle
+from engine_probes import break_loop, wait_until_idle
 from prometheus_client.parser import text_string_to_metric_families
 from wire_helpers import generate_all, rpc_error, wait_for_subscribers
 
@@ -212,7 +212,7 @@ async def test_a_dead_engine_thread_leaves_no_sequence_counted(model_path):
             await stream.read()
             assert (await scrape(app))[sample("active_sequences", model=MODEL_ID)] == 1
 
-            await app.engine._call(break_steps, MODEL_ID)
+            await app.engine._call(break_loop)
             assert (await rpc_error(stream)).code() is grpc.StatusCode.UNAVAILABLE
         expected = {sample("rpc_requests_total", method=GENERATE, code="UNAVAILABLE"): 1}
         samples = await scrape_until(

@@ -35,8 +35,20 @@ class EngineConfig:
     shutdown_grace_seconds: float = 10.0
     # What a refused request is told to wait before retrying.
     retry_after_seconds: float = 1.0
-    # A batch step running longer than this means the engine is wedged: it is declared dead.
+    # An engine process that shows no progress for this long (a batch step, a command, or an
+    # idle wait that never wakes) is wedged: it is declared dead.
     wedge_timeout_seconds: float = 30.0
+    # The context a model is given when its config states none: prompt plus generation.
+    default_context_length: int = 8192
+    # Threads that tokenize prompts and serve Tokenize and Detokenize.
+    tokenizer_threads: int = 2
+    # Processes that render chat templates, and how long one rendering may take.
+    chat_template_workers: int = 1
+    chat_template_timeout_seconds: float = 5.0
+    # Tokenize and Detokenize calls served at once; more are refused (retry later).
+    max_concurrent_tokenize: int = 4
+    # The longest text Tokenize accepts.
+    max_tokenize_bytes: int = 1 << 20
 
 
 def mlx_environment(config: EngineConfig) -> dict[str, str]:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,8 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mlx_lm.tokenizer_utils import load as load_tokenizer
-
+from .admission import admit, check_token_ids
 from .config import EngineConfig, mlx_environment
 from .errors import (
     EngineOverloaded,
@@ -40,8 +40,9 @@ from .events import (
 )
 from .models import ModelInfo, ModelSource, ModelState
 from .observer import EngineObserver, replay
+from .prompts import Prompts
 from .requests import GenerationChunk, GenerationRequest
-from .scheduler import END, Scheduler, check_token_ids, run_engine_process
+from .scheduler import END, Scheduler, run_engine_process
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,16 @@ class Engine:
         self._observer = observer or EngineObserver()
         self.events = EventBus()
         self._infos: dict[str, ModelInfo] = {}
-        self._tokenizers: dict[str, Any] = {}
+        self._prompts = Prompts(config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process = None
         self._commands = self._results = None
-        self._stepping = None
+        self._heartbeat = None
         self._reader: threading.Thread | None = None
+        # Commands to the engine process, written by a thread: a busy engine's full pipe must
+        # not block the event loop.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._calls: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._stopped = asyncio.Event()
@@ -89,10 +94,10 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         commands_out, commands_in = PROCESS_CONTEXT.Pipe(duplex=False)
         results_out, results_in = PROCESS_CONTEXT.Pipe(duplex=False)
-        self._stepping = PROCESS_CONTEXT.Value("d", 0.0, lock=False)
+        self._heartbeat = PROCESS_CONTEXT.Value("d", 0.0, lock=False)
         self._process = PROCESS_CONTEXT.Process(
             target=run_engine_process,
-            args=(self.config, commands_out, results_in, self._stepping, log.getEffectiveLevel()),
+            args=(self.config, commands_out, results_in, self._heartbeat, log.getEffectiveLevel()),
             name="mlx-engine",
             daemon=True,
         )
@@ -104,6 +109,8 @@ class Engine:
         self._running = True
         self._reader = threading.Thread(target=self._read, name="mlx-engine-reader", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write, name="mlx-engine-writer", daemon=True)
+        self._writer.start()
         self._watchdog = asyncio.create_task(self._watch())
         self._post(Scheduler.set_observing, self._records(self._observer))
 
@@ -138,6 +145,12 @@ class Engine:
             return
         self._draining = True
         self.events.publish(Event(RuntimeStatus("shutdown", self._ready_models(), self._active)))
+        if self._active:
+            log.info(
+                "draining %d generation(s), up to %g s",
+                self._active,
+                self.config.shutdown_grace_seconds if grace is None else grace,
+            )
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         while self._active and time.monotonic() < deadline:
@@ -150,11 +163,14 @@ class Engine:
                 self._post(Scheduler.stop)
         self._running = False
         self._watchdog.cancel()
+        self._outbox.put(None)
+        self._prompts.close()
         # A wedged process may never return: wait for it only a moment then.
         await asyncio.to_thread(self._process.join, 1.0 if self._dead else 30.0)
         if self._process.is_alive():
             self._process.kill()
             await asyncio.to_thread(self._process.join)
+        await asyncio.to_thread(self._writer.join)
         self._commands.close()
         await asyncio.to_thread(self._reader.join)
         self._results.close()
@@ -177,8 +193,8 @@ class Engine:
     async def _finish_load(self, source: ModelSource, model_id: str) -> ModelInfo:
         try:
             info, path = await self._call(Scheduler.load, source, model_id)
-            # The facade's own copy, for Tokenize and Detokenize without a trip to the engine.
-            self._tokenizers[model_id] = await asyncio.to_thread(load_tokenizer, Path(path))
+            # The facade's own tokenizer: prompts are tokenized here, not in the engine process.
+            await self._prompts.add_model(model_id, Path(path))
         except BaseException:
             self._infos.pop(model_id, None)
             raise
@@ -192,12 +208,14 @@ class Engine:
             raise ModelNotReady(model_id, info.state.value)
         await self._call(Scheduler.unload, model_id)
         self._infos.pop(model_id, None)
-        self._tokenizers.pop(model_id, None)
+        self._prompts.remove_model(model_id)
 
     def list_models(self) -> list[ModelInfo]:
         return list(self._infos.values())
 
     def _ready_models(self) -> int:
+        if self._dead:
+            return 0
         return sum(info.state is ModelState.READY for info in self._infos.values())
 
     def get_model(self, model_id: str) -> ModelInfo:
@@ -219,31 +237,21 @@ class Engine:
     async def tokenize(
         self, model_id: str, text: str, add_special_tokens: bool, return_pieces: bool
     ) -> tuple[list[int], list[str]]:
-        tokenizer = self._ready_slot_tokenizer(model_id)
-
-        def run() -> tuple[list[int], list[str]]:
-            ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-            pieces = [tokenizer.decode([i]) for i in ids] if return_pieces else []
-            return ids, pieces
-
-        return await asyncio.to_thread(run)
+        self._ready_model(model_id)
+        return await self._prompts.tokenize(model_id, text, add_special_tokens, return_pieces)
 
     async def detokenize(
         self, model_id: str, token_ids: list[int], skip_special_tokens: bool
     ) -> str:
-        tokenizer = self._ready_slot_tokenizer(model_id)
-        check_token_ids(token_ids, self._infos[model_id].vocab_size, "token_ids")
-        return await asyncio.to_thread(
-            tokenizer.decode, token_ids, skip_special_tokens=skip_special_tokens
-        )
+        check_token_ids(token_ids, self._ready_model(model_id).vocab_size, "token_ids")
+        return await self._prompts.detokenize(model_id, token_ids, skip_special_tokens)
 
-    def _ready_slot_tokenizer(self, model_id: str):
+    def _ready_model(self, model_id: str) -> ModelInfo:
         self._check_accepting()
         info = self.get_model(model_id)
         if info.state is not ModelState.READY:
             raise ModelNotReady(model_id, info.state.value)
-        # Hugging Face fast tokenizers are thread-safe, so tokenize off the event loop.
-        return self._tokenizers[model_id]
+        return info
 
     # ---- generation ------------------------------------------------------------------
 
@@ -251,39 +259,46 @@ class Engine:
         return self._generate(request, internal=False)
 
     async def _generate(self, request: GenerationRequest, internal: bool):
-        self._check_accepting()
-        info = self.get_model(request.model_id)
-        if info.state is not ModelState.READY:
-            raise ModelNotReady(request.model_id, info.state.value)
+        info = self._ready_model(request.model_id)
         if self._active >= self.config.max_batch_size + self.config.max_queued_requests:
             raise EngineOverloaded(self.config.retry_after_seconds)
-        ticket = Ticket(rid=next(self._ids), outbox=asyncio.Queue())
         self._active += 1
-        self._tickets[ticket.rid] = ticket
+        ticket = None
         try:
-            await self._call(Scheduler.admit, request, ticket.rid, internal)
-            while True:
-                chunks = [await ticket.outbox.get()]
+            context = info.context_length or self.config.default_context_length
+            prompt = await self._prompts.encode(request, context)
+            admission = admit(info, request, prompt, context)
+            del prompt
+            self._check_accepting()  # a shutdown may have begun while the prompt was encoded
+            ticket = Ticket(rid=next(self._ids), outbox=asyncio.Queue())
+            self._tickets[ticket.rid] = ticket
+            self._post(Scheduler.admit, admission, ticket.rid, internal)
+            del admission
+            while not ticket.finished:
+                items = [await ticket.outbox.get()]
                 while not ticket.outbox.empty():
-                    chunks.append(ticket.outbox.get_nowait())
-                for item in chunks:
-                    if isinstance(item, BaseException):
-                        ticket.finished = True
-                        raise item
-                ticket.finished = chunks[-1] == END
-                if ticket.finished:
-                    chunks.pop()
+                    items.append(ticket.outbox.get_nowait())
+                chunks = [item for item in items if isinstance(item, GenerationChunk)]
+                error = items[-1] if isinstance(items[-1], BaseException) else None
+                ticket.finished = error is not None or items[-1] == END
                 if chunks:
                     yield merge_chunks(chunks)
-                if ticket.finished:
-                    return
+                if error is not None:
+                    # Our frame must not hold the error its traceback holds: that cycle would
+                    # keep the request alive until the garbage collector's next full pass.
+                    items = chunks = None
+                    try:
+                        raise error
+                    finally:
+                        error = None
         finally:
             self._active -= 1
-            del self._tickets[ticket.rid]
-            if not ticket.finished and not self._dead and self._running:
-                # FIFO commands: this runs after the admission, even if we left while awaiting it.
-                with contextlib.suppress(EngineUnavailable):  # a dead process runs nothing
-                    self._post(Scheduler.cancel, ticket.rid)
+            if ticket is not None:
+                del self._tickets[ticket.rid]
+                if not ticket.finished and not self._dead and self._running:
+                    # FIFO commands: this runs after the admission.
+                    with contextlib.suppress(EngineUnavailable):  # a dead process runs nothing
+                        self._post(Scheduler.cancel, ticket.rid)
 
     # ---- events ----------------------------------------------------------------------
 
@@ -303,13 +318,14 @@ class Engine:
             self._post(Scheduler.set_token_events, wanted)
 
     async def _watch(self) -> None:
-        """Declare the engine dead when one batch step outlives the wedge timeout."""
+        """Declare the engine dead when it shows no progress for the wedge timeout: its loop
+        beats at every command, every batch step and every idle wait (see Scheduler.run)."""
         timeout = self.config.wedge_timeout_seconds
         while not self._dead:
             await asyncio.sleep(min(0.25, timeout / 4))
-            since = self._stepping.value
-            if since and time.monotonic() - since > timeout:
-                self._fail(f"the engine is wedged: a batch step has run for over {timeout:g} s")
+            beat = self._heartbeat.value
+            if beat and time.monotonic() - beat > timeout:
+                self._fail(f"the engine is wedged: no progress for over {timeout:g} s")
 
     def _fail(self, reason: str) -> None:
         """Event loop: the engine process died or wedged. End every stream and say so once."""
@@ -329,7 +345,7 @@ class Engine:
                 event = ModelInvalidated(model_id, reason)
                 self.events.publish(Event(event, model_id=model_id))
         self.events.publish(Event(ErrorOccurred(reason, code="engine_dead")))
-        self.events.publish(Event(RuntimeStatus("error", 0, self._active)))
+        self.events.publish(Event(RuntimeStatus("error", self._ready_models(), self._active)))
         self._stopped.set()
         if self._process.is_alive():  # wedged: nothing it could still do would reach anyone
             self._process.kill()
@@ -360,10 +376,19 @@ class Engine:
         self._send((None, fn, args))
 
     def _send(self, command: tuple) -> None:
-        try:
-            self._commands.send(command)
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            raise EngineUnavailable("the engine process is gone") from None
+        if self._dead or self._writer is None:
+            raise EngineUnavailable("the engine process is gone")
+        self._outbox.put(command)
+
+    def _write(self) -> None:
+        """Writer thread: pickles and sends the commands, in order, until told to stop (None).
+        A pipe that breaks means the process is gone, which the reader thread reports."""
+        while (command := self._outbox.get()) is not None:
+            try:
+                self._commands.send(command)
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                return
+            del command
 
     # ---- the engine process's results (reader thread, then event loop) -----------------
 
@@ -393,6 +418,8 @@ class Engine:
                     item = delivery[1] if len(delivery) == 2 else GenerationChunk(*delivery[1:])
                     ticket.outbox.put_nowait(item)
             replay(self._observer, observations)
+            if self._draining:  # the engine's "ready" would follow our "shutdown"
+                events = [e for e in events if not isinstance(e.payload, RuntimeStatus)]
             self.events.publish_all(events)
         elif kind == "loading":
             model_id, read, total = body

@@ -54,9 +54,12 @@ class FieldViolation:
 class InvalidRequest(EngineError):
     """Passed the contract's rules but not the model's (e.g. a token id past the vocabulary)."""
 
-    def __init__(self, *violations: FieldViolation):
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+    def __init__(self, *violations: FieldViolation, more: int = 0):
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(summary + (f" (and {more} more)" if more else ""))
         self.violations = violations
+        # Violations found beyond those listed (see admission.raise_violations).
+        self.more = more
 
 
 class EngineUnavailable(EngineError):
@@ -65,6 +68,16 @@ class EngineUnavailable(EngineError):
 
 class RequestAborted(EngineError):
     """A request ended by the engine (model unloaded, shutdown) before it finished."""
+
+
+class SequenceFailed(EngineError):
+    """One sequence failed inside a batch step (a bug: the engine logged the cause); the batch
+    and the engine go on without it."""
+
+    def __init__(self, request_id: str):
+        super().__init__(
+            f"internal error: the generation failed in the engine (request id {request_id})"
+        )
 
 
 class EngineOverloaded(EngineError):

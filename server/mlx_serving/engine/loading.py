@@ -30,9 +30,13 @@ def resolve_model_path(source: ModelSource) -> Path:
     """A local directory, or a Hugging Face snapshot: cache first, so cached models work offline."""
     if source.local_path:
         path = Path(source.local_path).expanduser()
-        if not (path / "config.json").is_file():
+        try:
+            is_model = (path / "config.json").is_file()
+        except OSError as exc:  # a name too long, a directory we may not read
+            raise ModelSourceNotFound(f"{shorten(source.local_path)!r}: {exc.strerror}") from None
+        if not is_model:
             raise ModelSourceNotFound(
-                f"{source.local_path!r} is not a model directory (no config.json)"
+                f"{shorten(source.local_path)!r} is not a model directory (no config.json)"
             )
         return path
     from huggingface_hub import snapshot_download
@@ -54,6 +58,11 @@ def resolve_model_path(source: ModelSource) -> Path:
             f"{source.repo_id!r} is not in the Hugging Face cache and could not be downloaded: "
             f"{type(exc).__name__}"
         ) from None
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """`text` fit for a message: a path may be 4 KiB long."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 4 :]}"
 
 
 def build_model(path: Path, fuse: bool = False, decode_kernel: bool = True) -> tuple:
@@ -118,13 +127,21 @@ def describe_model(
         )
         if quantization
         else None,
-        vocab_size=len(tokenizer.get_vocab()),
+        vocab_size=vocab_size(tokenizer, config),
         has_chat_template=tokenizer.chat_template is not None,
         architecture=config.get("model_type", ""),
         loaded_time=time.time(),
         weight_bytes=size,
         weight_bytes_loaded=size,
     )
+
+
+def vocab_size(tokenizer: TokenizerWrapper, config: dict[str, Any]) -> int:
+    """Ids valid for both the tokenizer and the model: either may have rows the other lacks
+    (Qwen pads its embedding past its tokenizer; some tokenizers add tokens it never got)."""
+    size = len(tokenizer.get_vocab())
+    rows = config.get("text_config", config).get("vocab_size")
+    return min(size, rows) if isinstance(rows, int) and rows > 0 else size
 
 
 def context_length(config: dict[str, Any]) -> int:

@@ -25,15 +25,16 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from .admission import Admission
 from .batch_cache import make_cache
 from .config import EngineConfig
 from .detokenizer import StreamingDetokenizer
 from .errors import (
-    FieldViolation,
-    InvalidRequest,
     ModelLoadFailed,
+    ModelNotFound,
     ModelSourceNotFound,
     RequestAborted,
+    SequenceFailed,
 )
 from .events import (
     Event,
@@ -50,6 +51,7 @@ from .loading import (
     describe_model,
     read_tokenizer,
     resolve_model_path,
+    shorten,
     weight_bytes,
     weight_chunks,
 )
@@ -76,6 +78,11 @@ LOAD_CHUNK_BYTES = 64 << 20
 LOADING_POLL_SECONDS = 0.005
 # Returned by a command whose caller is answered later (see `_run_command`).
 DEFERRED = object()
+# How often an idle engine wakes to show the facade's watchdog it is alive.
+HEARTBEAT_SECONDS = 0.5
+# A model's batch steps failing this many times in a row, each with a fresh batch generator,
+# is the engine's failure, not a request's: the engine stops.
+MAX_STEP_FAILURES = 3
 
 
 @dataclass(eq=False)
@@ -83,7 +90,7 @@ class Sequence:
     """Engine-process state of one request, known to the facade by its `rid`."""
 
     request: GenerationRequest
-    prompt: list[int]
+    prompt: tuple[int, ...]
     max_tokens: int
     context_clipped: bool
     rid: int
@@ -135,6 +142,8 @@ class ModelSlot:
     waiting: list[Sequence] = field(default_factory=list)
     # The last step's tokens and when they came, handled during the next step (see `_step`).
     pending: tuple[list, float] | None = None
+    # Batch steps failed in a row (see `_step_failed`).
+    failures: int = 0
 
     def __len__(self) -> int:
         return len(self.sequences) + len(self.waiting)
@@ -147,16 +156,16 @@ class Scheduler:
     """The engine process's loop: take commands, step every model's batch, send the results."""
 
     def __init__(
-        self, config: EngineConfig, commands: Connection, results: Connection, stepping: Any
+        self, config: EngineConfig, commands: Connection, results: Connection, heartbeat: Any
     ):
         self.config = config
         # Replaced by a RecordingObserver while the facade's observer records anything.
         self.observer = EngineObserver()
         self._commands = commands
         self._results = results
-        # When the current batch step began (time.monotonic, shared memory), 0.0 between
-        # steps: the facade's watchdog reads it.
-        self._stepping = stepping
+        # When the loop last showed progress (time.monotonic, shared memory): the facade's
+        # watchdog reads it.
+        self._heartbeat = heartbeat
         self.slots: dict[str, ModelSlot] = {}
         self.sequences: dict[int, Sequence] = {}
         # Whether anyone subscribes to TokenGenerated: without, no per-token event is built.
@@ -171,6 +180,8 @@ class Scheduler:
         self._deliveries: list[tuple[int, Any]] = []
         self._events_out: list[Event] = []
         self._status = ""
+        # Sequences whose sampler or logits processor raised during a step (see `guarded`).
+        self._faults: list[tuple[Sequence, Exception]] = []
 
     def _publish(self, event: Event) -> None:
         """Sent to the facade with the step's other results (see `deliver`)."""
@@ -184,11 +195,10 @@ class Scheduler:
             with mx.stream(self._stream):
                 while self.running:
                     self._take_commands()
-                    self._stepping.value = time.monotonic()
                     for slot in list(self.slots.values()):
                         if slot:
-                            self._step(slot)
-                    self._stepping.value = 0.0
+                            self._beat()
+                            self._step_guarded(slot)
                     if self.loading:
                         self._continue_loading()
                     self._report_status()
@@ -225,7 +235,11 @@ class Scheduler:
             self._status = status
             self._publish(Event(RuntimeStatus(status, len(self.slots), active)))
 
+    def _beat(self) -> None:
+        self._heartbeat.value = time.monotonic()
+
     def _take_commands(self) -> None:
+        self._beat()
         if not any(self.slots.values()):
             # Idle, unless loading: then look at the pipe between pieces of the load.
             if self._commands.poll(self._idle_wait()):
@@ -233,13 +247,15 @@ class Scheduler:
                 # Idle → busy: give concurrent arrivals a moment to join the first step.
                 time.sleep(self.config.coalesce_seconds)
         while self.running and self._commands.poll():
+            self._beat()
             self._run_command(self._commands.recv())
 
-    def _idle_wait(self) -> float | None:
-        """How long an idle loop may wait for a command: for ever, unless a model is loading;
-        a moment if that load waits on its thread; not at all if it has weights to read."""
+    def _idle_wait(self) -> float:
+        """How long an idle loop may wait for a command: until its next heartbeat, unless a
+        model is loading; a moment if that load waits on its thread; not at all if it has
+        weights to read."""
         if not self.loading:
-            return None
+            return min(HEARTBEAT_SECONDS, self.config.wedge_timeout_seconds / 4)
         head = self.loading[0]
         waiting = head.path is None or (not head.chunks and not head.job.done())
         return LOADING_POLL_SECONDS if waiting else 0.0
@@ -251,7 +267,9 @@ class Scheduler:
         try:
             ok, value = True, fn(self, *args)
         except Exception as exc:
-            ok, value = False, exc
+            # Without its traceback: exc → traceback → this frame → exc is a cycle that keeps
+            # the command's arguments alive until the garbage collector's next full pass.
+            ok, value = False, exc.with_traceback(None)
         if call_id is None:
             if not ok:
                 log.error("engine command %s failed", getattr(fn, "__name__", fn), exc_info=value)
@@ -317,9 +335,9 @@ class Scheduler:
                 self.loading.pop(0)
             if not isinstance(exc, (ModelLoadFailed, ModelSourceNotFound)):
                 exc = ModelLoadFailed(
-                    f"cannot load {str(loading.path)!r}: {type(exc).__name__}: {exc}"
+                    f"cannot load {describe_source(loading)}: {type(exc).__name__}: {exc}"
                 )
-            self._send_result(loading.call_id, False, exc)
+            self._send_result(loading.call_id, False, exc.with_traceback(None))
             mx.clear_cache()
 
     def _finish_loading(self, loading: Loading, tokenizer) -> None:
@@ -331,20 +349,21 @@ class Scheduler:
             ),
             path=loading.path,
         )
-        eos = sorted(tokenizer.eos_token_ids)
-        generator = BatchGenerator(
+        self.loading.pop(0)
+        self.slots[loading.model_id] = ModelSlot(loaded=loaded, generator=self._generator(loaded))
+        self.observer.models_loaded(len(self.slots))
+        self._publish(loaded_event(loaded, time.perf_counter() - loading.started))
+        self._send_result(loading.call_id, True, (loaded.info, str(loaded.path)))
+
+    def _generator(self, loaded: LoadedModel) -> BatchGenerator:
+        return BatchGenerator(
             loaded.model,
-            stop_tokens=[[t] for t in eos],
+            stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
             completion_batch_size=self.config.max_batch_size,
             prefill_batch_size=self.config.prefill_batch_size,
             prefill_step_size=self.config.prefill_step_size,
             stream=self._stream,
         )
-        self.loading.pop(0)
-        self.slots[loading.model_id] = ModelSlot(loaded=loaded, generator=generator)
-        self.observer.models_loaded(len(self.slots))
-        self._publish(loaded_event(loaded, time.perf_counter() - loading.started))
-        self._send_result(loading.call_id, True, (loaded.info, str(loaded.path)))
 
     def unload(self, model_id: str) -> None:
         slot = self.slots.pop(model_id)
@@ -356,31 +375,31 @@ class Scheduler:
         self.observer.models_loaded(len(self.slots))
         self._publish(Event(ModelUnloaded(model_id, reason="requested"), model_id=model_id))
 
-    def admit(self, request: GenerationRequest, rid: int, internal: bool) -> None:
+    def admit(self, admission: Admission, rid: int, internal: bool) -> None:
+        """Queue a request the facade has checked; whatever goes wrong is told to its reader
+        (the facade does not wait for an answer)."""
+        try:
+            self._admit(admission, rid, internal)
+        except Exception as exc:
+            if isinstance(exc, KeyError):  # unloaded after the facade checked
+                exc = ModelNotFound(admission.request.model_id)
+            else:
+                log.exception("admission failed (request id %s)", admission.request.request_id)
+                exc = SequenceFailed(admission.request.request_id)
+            self._deliveries.append((rid, exc))
+
+    def _admit(self, admission: Admission, rid: int, internal: bool) -> None:
+        request, prompt = admission.request, admission.prompt
         slot = self.slots[request.model_id]
-        tokenizer, info = slot.loaded.tokenizer, slot.loaded.info
-        prompt, field_name = encode_prompt(tokenizer, request)
-        check_request_tokens(request, prompt, info.vocab_size)
-        max_tokens, clipped = request.max_tokens, False
-        if info.context_length:
-            room = info.context_length - len(prompt)
-            if room <= 0:
-                raise InvalidRequest(
-                    FieldViolation(
-                        field_name,
-                        f"the prompt has {len(prompt)} tokens; the model's context is "
-                        f"{info.context_length}",
-                    )
-                )
-            max_tokens, clipped = min(max_tokens, room), room < max_tokens
+        tokenizer = slot.loaded.tokenizer
         eos = frozenset(() if request.ignore_eos else tokenizer.eos_token_ids)
         # Warm-up requests neither use nor fill the prefix cache.
         cache, cached = (None, 0) if internal else self._cached_prefix(request.model_id, prompt)
         sequence = Sequence(
             request=request,
             prompt=prompt,
-            max_tokens=max_tokens,
-            context_clipped=clipped,
+            max_tokens=admission.max_tokens,
+            context_clipped=admission.context_clipped,
             rid=rid,
             internal=internal,
             detokenizer=StreamingDetokenizer(tokenizer),
@@ -389,13 +408,15 @@ class Scheduler:
             cached_tokens=cached,
         )
         stop_ids = sorted(eos | set(request.stop_token_ids))
+        sampler = make_sampler(request.sampling)
+        processors = make_logits_processors(request.sampling)
         sequence.generator_args = dict(
-            prompts=prompt[cached:],
-            max_tokens=max_tokens,
+            prompts=list(prompt[cached:]),
+            max_tokens=admission.max_tokens,
             caches=cache or make_cache(slot.loaded.model),
-            all_tokens=prompt[:cached],
-            samplers=make_sampler(request.sampling),
-            logits_processors=make_logits_processors(request.sampling),
+            all_tokens=list(prompt[:cached]),
+            samplers=sampler and guarded(sampler, sequence, self._faults, greedy),
+            logits_processors=[guarded(p, sequence, self._faults, unchanged) for p in processors],
             stop_sequences=StopSequences([[t] for t in stop_ids] or None),
         )
         slot.waiting.append(sequence)
@@ -410,7 +431,7 @@ class Scheduler:
                         messages=request.messages,
                         add_generation_prompt=request.add_generation_prompt,
                         token_ids=request.token_ids,
-                        max_tokens=max_tokens,
+                        max_tokens=admission.max_tokens,
                         metadata=request.metadata,
                     ),
                     model_id=request.model_id,
@@ -418,9 +439,9 @@ class Scheduler:
                 )
             )
 
-    def _cached_prefix(self, model_id: str, prompt: list[int]) -> tuple[list | None, int]:
+    def _cached_prefix(self, model_id: str, prompt: tuple[int, ...]) -> tuple[list | None, int]:
         """The KV cache of the longest cached prefix, leaving at least one token to compute."""
-        cache, rest = self.prefix_cache.fetch_nearest_cache(model_id, prompt)
+        cache, rest = self.prefix_cache.fetch_nearest_cache(model_id, list(prompt))
         self.observer.prefix_cache_lookup(cache is not None)
         if cache is None:
             return None, 0
@@ -469,6 +490,43 @@ class Scheduler:
             sequence.uid, sequence.generator_args = uid, {}
             slot.sequences[uid] = sequence
 
+    def _step_guarded(self, slot: ModelSlot) -> None:
+        """A batch step; a sequence whose sampling raised ends alone, and a step that raised
+        ends only its own model's batch (see `_step_failed`)."""
+        try:
+            self._step(slot)
+        except Exception:
+            self._step_failed(slot)
+        else:
+            slot.failures = 0
+        finally:
+            faults, self._faults[:] = list(self._faults), []
+        for sequence, exc in faults:
+            if self.sequences.get(sequence.rid) is sequence:
+                self._fail_sequence(slot, sequence, exc)
+
+    def _fail_sequence(self, slot: ModelSlot, sequence: Sequence, exc: Exception) -> None:
+        request_id = sequence.request.request_id
+        log.error("a sequence failed (request id %s)", request_id, exc_info=exc)
+        if slot.sequences.get(sequence.uid) is sequence:
+            slot.generator.remove([sequence.uid])
+        self._end(slot, sequence, SequenceFailed(request_id))
+
+    def _step_failed(self, slot: ModelSlot) -> None:
+        """A step raised outside any one sequence's code: end the sequences it ran, with an
+        error their callers see, and give the model a fresh batch generator. Failing again and
+        again, with fresh generators, is the engine's own failure: raise, and the engine stops."""
+        slot.failures += 1
+        model_id = slot.loaded.info.model_id
+        if slot.failures >= MAX_STEP_FAILURES:
+            raise
+        log.exception("a batch step of %s failed; its sequences end", model_id)
+        for sequence in [s for s in self.sequences.values() if s.request.model_id == model_id]:
+            if sequence not in slot.waiting:
+                self._end(slot, sequence, SequenceFailed(sequence.request.request_id))
+        slot.generator.close()
+        slot.generator, slot.pending = self._generator(slot.loaded), None
+
     def _step(self, slot: ModelSlot) -> None:
         """Launch the next batch step, and meanwhile turn the previous step's tokens into text.
 
@@ -514,7 +572,10 @@ class Scheduler:
 
     def _emit(self, slot: ModelSlot, rows: list, rendered: list, now: float) -> None:
         for (sequence, response), token in zip(rows, rendered, strict=True):
-            self._advance(slot, sequence, response, now, token)
+            if isinstance(token, Exception):
+                self._fail_sequence(slot, sequence, token)
+            else:
+                self._advance(slot, sequence, response, now, token)
 
     def _advance(
         self, slot: ModelSlot, sequence: Sequence, response: Any, now: float, rendered: tuple
@@ -607,14 +668,18 @@ class Scheduler:
         """
         if slot.sequences.get(sequence.uid) is sequence:
             del slot.sequences[sequence.uid]
-        else:
+        elif sequence in slot.waiting:
             slot.waiting.remove(sequence)
         self.sequences.pop(sequence.rid, None)
+        usage = usage or make_usage(sequence, time.perf_counter())
+        if isinstance(final, RequestAborted):
+            # As the contract says: a last message with the reason and the usage so far, then
+            # the error status (UNAVAILABLE), so callers know to retry elsewhere.
+            self._send(sequence, GenerationChunk("", (), FinishReason.CANCELLED, usage))
         if final is not None:
             self._send(sequence, final)
         if sequence.internal:
             return
-        usage = usage or make_usage(sequence, time.perf_counter())
         reason = ABORTED if isinstance(final, Exception) else finish.value
         self.observer.request_finished(
             sequence.request.model_id,
@@ -647,52 +712,6 @@ class Scheduler:
                 self._end(slot, sequence, error)
 
 
-def encode_prompt(tokenizer, request: GenerationRequest) -> tuple[list[int], str]:
-    """Token ids of the prompt, and the request field to blame if they do not fit."""
-    if request.token_ids is not None:
-        return list(request.token_ids), "tokens.ids"
-    if request.messages is not None:
-        if tokenizer.chat_template is None:
-            raise InvalidRequest(FieldViolation("chat", "the model has no chat template"))
-        text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in request.messages],
-            tokenize=False,
-            add_generation_prompt=request.add_generation_prompt,
-        )
-        return tokenizer.encode(text, add_special_tokens=False), "chat.messages"
-    # As mlx_lm.generate does: add BOS unless the text already starts with it.
-    bos = tokenizer.bos_token
-    add_special = bos is None or not request.text.startswith(bos)
-    return tokenizer.encode(request.text, add_special_tokens=add_special), "text"
-
-
-def check_request_tokens(request: GenerationRequest, prompt: list[int], vocab_size: int) -> None:
-    """Every token id the caller gave must exist in the model's vocabulary."""
-    bad = token_id_violations(list(request.stop_token_ids), vocab_size, "stop_token_ids[{}]")
-    if request.token_ids is not None:
-        bad = token_id_violations(prompt, vocab_size, "tokens.ids[{}]") + bad
-    bias_ids = [t for t, _ in request.sampling.logit_bias]
-    bad += token_id_violations(bias_ids, vocab_size, "logit_bias[{id}]")
-    if bad:
-        raise InvalidRequest(*bad[:16])
-
-
-def check_token_ids(ids: list[int], vocab_size: int, field_name: str) -> None:
-    if bad := token_id_violations(ids, vocab_size, field_name + "[{}]"):
-        raise InvalidRequest(*bad[:16])
-
-
-def token_id_violations(ids: list[int], vocab_size: int, field: str) -> list[FieldViolation]:
-    """`field` is formatted with the index (positional) and the id (`id`)."""
-    return [
-        FieldViolation(
-            field.format(i, id=t), f"token id {t} is not below the vocabulary size {vocab_size}"
-        )
-        for i, t in enumerate(ids)
-        if t >= vocab_size
-    ]
-
-
 def live_rows(slot: ModelSlot, responses: list) -> list[tuple[Sequence, Any]]:
     """Each response paired with its sequence, if that sequence still runs."""
     rows = []
@@ -708,9 +727,39 @@ def at_edge(sequence: Sequence, response: Any) -> bool:
     return response.finish_reason is not None or sequence.completion_tokens == 0
 
 
-def render_rows(tokenizer, rows: list[tuple[Sequence, Any]]) -> list[tuple]:
-    """`render` of every row; runs on the rendering thread while the engine thread steps."""
-    return [render(tokenizer, sequence, response) for sequence, response in rows]
+def render_rows(tokenizer, rows: list[tuple[Sequence, Any]]) -> list[tuple | Exception]:
+    """`render` of every row, or the error it raised (that row's sequence fails alone); runs
+    on the rendering thread while the engine thread steps."""
+    rendered: list[tuple | Exception] = []
+    for sequence, response in rows:
+        try:
+            rendered.append(render(tokenizer, sequence, response))
+        except Exception as exc:
+            rendered.append(exc)
+    return rendered
+
+
+def guarded(fn: Callable, sequence: Sequence, faults: list, fallback: Callable) -> Callable:
+    """`fn` (a sampler or logits processor of one sequence) such that an error it raises while
+    the step's graph is built is noted in `faults` and `fallback` stands in, so the rest of the
+    batch steps on; the scheduler then ends that sequence alone."""
+
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            faults.append((sequence, exc))
+            return fallback(*args)
+
+    return call
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def unchanged(tokens: mx.array, logits: mx.array) -> mx.array:
+    return logits
 
 
 def render(tokenizer, sequence: Sequence, response: Any) -> tuple:
@@ -793,8 +842,13 @@ def loaded_event(loaded: LoadedModel, seconds: float) -> Event:
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def describe_source(loading: Loading) -> str:
+    """The source a load was given, short enough for a message (a path may be 4 KiB)."""
+    return repr(shorten(str(loading.path or loading.source.local_path or loading.source.repo_id)))
+
+
 def run_engine_process(
-    config: EngineConfig, commands: Connection, results: Connection, stepping: Any, log_level: int
+    config: EngineConfig, commands: Connection, results: Connection, heartbeat: Any, log_level: int
 ) -> None:
     """The engine process's main: log as the server does, then run until told to stop.
 
@@ -808,7 +862,7 @@ def run_engine_process(
     log.info("MLX %s on %s", mx.__version__, mx.default_device())
     if conflict := backend_conflict(installed_mlx_backends()):
         log.warning(conflict)
-    Scheduler(config, commands, results, stepping).run()
+    Scheduler(config, commands, results, heartbeat).run()
 
 
 MLX_BACKENDS = ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal")

@@ -39,6 +39,9 @@ DEFAULT_PORT = 50051
 # The contract allows a 4 MiB text prompt and 2^20 token ids (up to 5 bytes each on the
 # wire); gRPC's default 4 MiB receive limit would refuse them before validation.
 MAX_RECEIVE_MESSAGE_BYTES = 16 << 20
+# What a default gRPC client accepts: a bigger response would fail there with
+# RESOURCE_EXHAUSTED, so the server refuses it first, saying why.
+DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
 
 # After the engine has ended every generation, what handlers get to send their last message.
 STREAM_FLUSH_SECONDS = 0.5
@@ -87,13 +90,14 @@ class ServingApp:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         telemetry: Telemetry | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         self.engine = engine
         self.host = host
         self.requested_port = port
         self.port = 0
         self.telemetry = telemetry
-        interceptors = [ContractInterceptor()]
+        interceptors = [ContractInterceptor(max_response_bytes)]
         if telemetry is not None:
             install_observer(engine, telemetry.observer)
             interceptors[:0] = telemetry.interceptors

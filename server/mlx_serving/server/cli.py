@@ -241,7 +241,13 @@ def make_app(config: config_pb.Config) -> ServingApp:
     """The engine and the server that `config` describes (call it inside the event loop)."""
     telemetry = make_telemetry(config.telemetry)
     engine = Engine(engine_config(config))
-    return ServingApp(engine, config.server.host, config.server.port, telemetry=telemetry)
+    return ServingApp(
+        engine,
+        config.server.host,
+        config.server.port,
+        telemetry=telemetry,
+        max_response_bytes=config.server.max_response_bytes,
+    )
 
 
 # The engine's reader thread and the event loop share the GIL. At Python's default 5 ms switch

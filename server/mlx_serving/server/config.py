@@ -24,7 +24,7 @@ from mlx_serving.engine.models import ModelSource
 from mlx_serving.v1 import config_pb2 as config_pb
 
 from . import convert
-from .app import DEFAULT_HOST, DEFAULT_PORT
+from .app import DEFAULT_HOST, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_PORT
 from .interceptor import describe
 from .telemetry import (
     DEFAULT_EXPORT_INTERVAL_MS,
@@ -100,6 +100,7 @@ def default_config() -> config_pb.Config:
             port=DEFAULT_PORT,
             shutdown_grace_seconds=engine.shutdown_grace_seconds,
             log_level=DEFAULT_LOG_LEVEL,
+            max_response_bytes=DEFAULT_MAX_RESPONSE_BYTES,
         ),
         engine=config_pb.EngineSettings(**{k: getattr(engine, k) for k in engine_keys()}),
         telemetry=config_pb.TelemetrySettings(

@@ -17,7 +17,7 @@ import protovalidate
 
 from mlx_serving.engine.errors import EngineError
 
-from .status import internal_error, invalid_argument, status_for
+from .status import internal_error, invalid_argument, response_too_large, status_for
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,14 @@ def current_request_id() -> str:
     return REQUEST_ID.get()
 
 
+# What a request that cannot be parsed is handed to the handler as (see `tolerant`).
+MALFORMED = object()
+
+
 class ContractInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, max_response_bytes: int):
+        self.max_response_bytes = max_response_bytes
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -51,41 +58,74 @@ class ContractInterceptor(grpc.aio.ServerInterceptor):
             else grpc.unary_unary_rpc_method_handler
         )
         return make_handler(
-            guard(behavior, handler_call_details.method),
-            request_deserializer=handler.request_deserializer,
+            guard(behavior, handler_call_details.method, self.max_response_bytes),
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
 
-def guard(behavior: Callable, method: str) -> Callable:
+def tolerant(deserialize: Callable | None) -> Callable | None:
+    """A deserializer that hands bytes it cannot parse to the handler as MALFORMED: grpc would
+    answer UNKNOWN with the parser's exception text, and log a traceback."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:
+            return MALFORMED
+
+    return parse
+
+
+def guard(behavior: Callable, method: str, max_response_bytes: int) -> Callable:
     """`behavior` with a request id, validation first, and every exception turned into a status."""
 
     async def guarded(request, context: grpc.aio.ServicerContext):
         request_id = uuid.uuid4().hex
         REQUEST_ID.set(request_id)
         try:
-            if violations := protovalidate.collect_violations(request):
-                what = request.DESCRIPTOR.name
-                await context.abort_with_status(invalid_argument(map(describe, violations), what))
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
+            status = contract_status(request, method)
+            if status is None:
+                response = await behavior(request, context)
+                if response is None or response.ByteSize() <= max_response_bytes:
+                    return response
+                status = response_too_large(response.ByteSize(), max_response_bytes)
         except EngineError as exc:
-            if (status := status_for(exc)) is not None:
-                await context.abort_with_status(status)
-            await abort_internal(context, method, request_id)
+            status = status_for(exc) or log_internal(method, request_id)
         except Exception:
             if context.cancelled():
                 raise  # the client left (cancel, deadline): nothing to report to anyone
-            await abort_internal(context, method, request_id)
+            status = log_internal(method, request_id)
+        end_with(context, status)
 
     return guarded
 
 
-async def abort_internal(context: grpc.aio.ServicerContext, method: str, request_id: str) -> None:
+def contract_status(request, method: str) -> grpc.Status | None:
+    """INVALID_ARGUMENT for a request that cannot be parsed or breaks the contract's rules."""
+    if request is MALFORMED:
+        problem = ("", "the message could not be parsed")
+        return invalid_argument([problem], f"{method} request")
+    if violations := protovalidate.collect_violations(request):
+        return invalid_argument(map(describe, violations), request.DESCRIPTOR.name)
+    return None
+
+
+def end_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    """The call's status, set rather than raised: `abort` raises an AbortError that grpc keeps
+    in a reference cycle with the handler's frames, and with them the request, until the
+    garbage collector's next full pass (a 4 MiB prompt per rejected call)."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
+
+
+def log_internal(method: str, request_id: str) -> grpc.Status:
     """Called inside an `except`: logs the traceback once, tells the client only the request id."""
     log.error("internal error in %s (request id %s)", method, request_id, exc_info=True)
-    await context.abort_with_status(internal_error(request_id))
+    return internal_error(request_id)
 
 
 def describe(violation: protovalidate.Violation) -> tuple[str, str]:

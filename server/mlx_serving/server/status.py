@@ -12,6 +12,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from mlx_serving.engine.admission import MAX_VIOLATIONS
 from mlx_serving.engine.errors import (
     EngineError,
     EngineOverloaded,
@@ -23,6 +24,7 @@ from mlx_serving.engine.errors import (
     ModelNotReady,
     ModelSourceNotFound,
     RequestAborted,
+    SequenceFailed,
 )
 
 # Looked up along the exception's MRO, so a subclass inherits its base's code.
@@ -38,7 +40,13 @@ CODES: dict[type[EngineError], int] = {
     ModelSourceNotFound: code_pb2.NOT_FOUND,
     EngineUnavailable: code_pb2.UNAVAILABLE,
     RequestAborted: code_pb2.UNAVAILABLE,
+    SequenceFailed: code_pb2.INTERNAL,
 }
+
+# Violations the status message names (the BadRequest detail lists up to MAX_VIOLATIONS).
+SUMMARY_VIOLATIONS = 3
+# A field path or description longer than this is clipped.
+MAX_DETAIL_CHARS = 160
 
 
 def make_status(code: int, message: str, *details) -> grpc.Status:
@@ -51,23 +59,49 @@ def make_status(code: int, message: str, *details) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
 
 
-def invalid_argument(violations: Iterable[tuple[str, str]], what: str) -> grpc.Status:
-    """INVALID_ARGUMENT with one BadRequest.FieldViolation per (field path, description)."""
-    violations = list(violations)
+def invalid_argument(
+    violations: Iterable[tuple[str, str]], what: str, more: int = 0
+) -> grpc.Status:
+    """INVALID_ARGUMENT with a BadRequest.FieldViolation per (field path, description).
+
+    At most MAX_VIOLATIONS are listed, each clipped, and the message names the first few: the
+    status travels in trailers, which clients cap (8 to 16 KB); past that they see
+    RESOURCE_EXHAUSTED, which they would retry.
+    """
+    violations = [(clip(field), clip(text)) for field, text in violations]
+    more += max(0, len(violations) - MAX_VIOLATIONS)
+    violations = violations[:MAX_VIOLATIONS]
+    if more:
+        violations.append(("", f"and {more} more violations"))
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
             for field, description in violations
         ]
     )
-    summary = "; ".join(f"{field}: {text}" if field else text for field, text in violations)
+    named = [f"{field}: {text}" if field else text for field, text in violations]
+    if len(named) > SUMMARY_VIOLATIONS:
+        named[SUMMARY_VIOLATIONS:] = [f"and {len(named) - SUMMARY_VIOLATIONS} more"]
+    summary = "; ".join(named)
     return make_status(code_pb2.INVALID_ARGUMENT, f"invalid {what}: {summary}", bad_request)
+
+
+def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def response_too_large(size: int, limit: int) -> grpc.Status:
+    """INVALID_ARGUMENT, not RESOURCE_EXHAUSTED (which clients retry): the same request would
+    get the same answer."""
+    problem = f"the response would be {size} bytes, over this server's limit of {limit}"
+    return invalid_argument([("", problem + "; ask for less")], "request")
 
 
 def status_for(exc: EngineError) -> grpc.Status | None:
     """The status of an error the engine raised on purpose; None if it has no mapping (a bug)."""
     if isinstance(exc, InvalidRequest):
-        return invalid_argument(((v.field, v.description) for v in exc.violations), "request")
+        violations = ((v.field, v.description) for v in exc.violations)
+        return invalid_argument(violations, "request", exc.more)
     if isinstance(exc, EngineOverloaded):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(exc.retry_after * 1e9))

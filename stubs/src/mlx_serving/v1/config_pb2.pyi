@@ -21,19 +21,21 @@ class Config(_message.Message):
     def __init__(self, server: _Optional[_Union[ServerSettings, _Mapping]] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetrySettings, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ...) -> None: ...
 
 class ServerSettings(_message.Message):
-    __slots__ = ("host", "port", "shutdown_grace_seconds", "log_level")
+    __slots__ = ("host", "port", "shutdown_grace_seconds", "log_level", "max_response_bytes")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
     shutdown_grace_seconds: float
     log_level: str
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ...) -> None: ...
+    max_response_bytes: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention")
+    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,12 @@ class EngineSettings(_message.Message):
     FUSE_PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     DECODE_ATTENTION_KERNEL_FIELD_NUMBER: _ClassVar[int]
     CUDNN_PREFILL_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_THREADS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_TOKENIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queued_requests: int
     prefill_batch_size: int
@@ -60,7 +68,13 @@ class EngineSettings(_message.Message):
     fuse_projections: bool
     decode_attention_kernel: bool
     cudnn_prefill_attention: bool
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ...) -> None: ...
+    default_context_length: int
+    tokenizer_threads: int
+    chat_template_workers: int
+    chat_template_timeout_seconds: float
+    max_concurrent_tokenize: int
+    max_tokenize_bytes: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ...) -> None: ...
 
 class TelemetrySettings(_message.Message):
     __slots__ = ("enabled", "service_name", "prometheus_port", "export_interval_ms", "otlp_endpoint", "prometheus_host")

@@ -48,7 +48,8 @@ class GenerateServiceServicer:
 
     def Generate(self, request, context):
         """Generate streams the completion of a prompt as it is produced.
-        The last message carries the finish reason and usage.
+        The last message carries the finish reason and usage. A generation the server stops
+        (unload, shutdown) ends with FINISH_REASON_CANCELLED, then status UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
