@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from mlx_serving.engine.default_model import default_model_path, make_default_model  # noqa: E402
+from mlx_serving.server.default_model import default_model_path, make_default_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,49 +1,58 @@
-"""Functions the tests run inside the engine process, through `Engine._call(fn, *args)`.
+"""Functions the tests run inside the engine process: `await probe(engine, fn, *args)` runs
+`fn(worker, *args)` there (a `Probe` command) and returns its result.
 
 They must live in a module the engine process can import by name (this one: tests/ is on the
-path of every test and of the process spawned for it), never in a test function.
+path of every test and of the process spawned for it), never in a test function. Probes are
+refused unless PROBES_ENV is set in the engine's environment: importing this module sets it.
 """
 
 import asyncio
 import os
 import time
 
-from mlx_serving.engine.scheduler import Scheduler
+from mlx_serving.engine.protocol import PROBES_ENV, Probe
+from mlx_serving.engine.worker import Worker
+
+os.environ[PROBES_ENV] = "1"
 
 
-def sequences_held(scheduler: Scheduler) -> int:
+async def probe(engine, fn, *args):
+    return await engine._call(Probe(f"{fn.__module__}:{fn.__name__}", args))
+
+
+def sequences_held(worker: Worker) -> int:
     """Sequences the engine still runs: ours, and anywhere inside mlx-lm's batch generators."""
-    total = len(scheduler.sequences)
-    for slot in scheduler.slots.values():
+    total = len(worker.scheduler.sequences)
+    for slot in worker.scheduler.slots.values():
         generator = slot.generator
         total += len(slot) + len(generator._unprocessed_sequences)
         total += len(generator._prompt_batch) + len(generator._generation_batch)
     return total
 
 
-def record_inserts(scheduler: Scheduler, model_id: str) -> None:
+def record_inserts(worker: Worker, model_id: str) -> None:
     """From now on, remember how many sequences each insert into `model_id`'s batch brings."""
-    generator = scheduler.slots[model_id].generator
+    generator = worker.scheduler.slots[model_id].generator
     original = generator.insert
-    scheduler.inserted = []
+    worker.inserted = []
 
     def recording_insert(prompts, **kwargs):
-        scheduler.inserted.append(len(prompts))
+        worker.inserted.append(len(prompts))
         return original(prompts, **kwargs)
 
     generator.insert = recording_insert
 
 
-def inserted(scheduler: Scheduler) -> list[int]:
-    return scheduler.inserted
+def inserted(worker: Worker) -> list[int]:
+    return worker.inserted
 
 
-def break_steps(scheduler: Scheduler, model_id: str) -> None:
+def break_steps(worker: Worker, model_id: str) -> None:
     """The next batch step of `model_id` raises, as a bug in the decode loop would."""
-    scheduler.slots[model_id].generator.next = _broken_step
+    worker.scheduler.slots[model_id].generator.next = _broken_step
 
 
-def poison_seed(scheduler: Scheduler, seed: int) -> None:
+def poison_seed(worker: Worker, seed: int) -> None:
     """Requests with this seed get a sampler that raises (a sampling bug of one sequence)."""
     from mlx_serving.engine import scheduler as module
 
@@ -61,18 +70,18 @@ def poison_seed(scheduler: Scheduler, seed: int) -> None:
     module.make_sampler = make_sampler
 
 
-def break_loop(scheduler: Scheduler) -> None:
+def break_loop(worker: Worker) -> None:
     """The engine's loop itself raises after its next step, as a bug of the engine's would."""
-    scheduler._report_status = _broken_step
+    worker.scheduler._report_status = _broken_step
 
 
 def _broken_step():
     raise RuntimeError("injected fault")
 
 
-def wedge_steps(scheduler: Scheduler, model_id: str, seconds: float) -> None:
+def wedge_steps(worker: Worker, model_id: str, seconds: float) -> None:
     """The next batch step of `model_id` hangs for `seconds`, as a stuck device would."""
-    generator = scheduler.slots[model_id].generator
+    generator = worker.scheduler.slots[model_id].generator
     original = generator.next
 
     def wedged_step():
@@ -86,7 +95,7 @@ async def wait_until_idle(engine, timeout: float = 3.0) -> None:
     """No request in the facade, no sequence in the engine process."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        held = await engine._call(sequences_held)
+        held = await probe(engine, sequences_held)
         if engine.active_requests() == 0 and held == 0:
             return
         if asyncio.get_running_loop().time() > deadline:
@@ -94,30 +103,31 @@ async def wait_until_idle(engine, timeout: float = 3.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def record_deliveries(scheduler: Scheduler) -> None:
+def record_deliveries(worker: Worker) -> None:
     """From now on, remember which request ids each message to the facade carries."""
-    scheduler.delivered = []
-    original = scheduler.deliver
+    worker.delivered = []
+    original = worker.scheduler.take_output
 
-    def recording_deliver():
-        if scheduler._deliveries:
-            scheduler.delivered.append([rid for rid, *_ in scheduler._deliveries])
-        original()
+    def recording_take_output():
+        output = original()
+        if output is not None and output.deliveries:
+            worker.delivered.append([rid for rid, *_ in output.deliveries])
+        return output
 
-    scheduler.deliver = recording_deliver
-
-
-def delivered(scheduler: Scheduler) -> list[list[int]]:
-    return scheduler.delivered
+    worker.scheduler.take_output = recording_take_output
 
 
-def record_first_tokens(scheduler: Scheduler) -> None:
+def delivered(worker: Worker) -> list[list[int]]:
+    return worker.delivered
+
+
+def record_first_tokens(worker: Worker) -> None:
     """From now on, pair each message to the facade with the requests whose first token the
     steps since the message before produced: (produced, carried) request ids."""
-    scheduler.first_tokens = []
+    worker.first_tokens = []
     seen: set[int] = set()
     produced: list[int] = []
-    for slot in scheduler.slots.values():
+    for slot in worker.scheduler.slots.values():
 
         def recording_next(slot=slot, next_=slot.generator.next):
             prompt_responses, responses = next_()
@@ -128,41 +138,42 @@ def record_first_tokens(scheduler: Scheduler) -> None:
             return prompt_responses, responses
 
         slot.generator.next = recording_next
-    original = scheduler.deliver
+    original = worker.scheduler.take_output
 
-    def recording_deliver():
-        carried = {rid for rid, *_ in scheduler._deliveries}
-        scheduler.first_tokens.append((list(produced), carried))
+    def recording_take_output():
+        output = original()
+        carried = {rid for rid, *_ in output.deliveries} if output is not None else set()
+        worker.first_tokens.append((list(produced), carried))
         produced.clear()
-        original()
+        return output
 
-    scheduler.deliver = recording_deliver
-
-
-def first_tokens(scheduler: Scheduler) -> list[tuple[list[int], set[int]]]:
-    return [entry for entry in scheduler.first_tokens if entry[0]]
+    worker.scheduler.take_output = recording_take_output
 
 
-def environment_variable(scheduler: Scheduler, name: str) -> str | None:
+def first_tokens(worker: Worker) -> list[tuple[list[int], set[int]]]:
+    return [entry for entry in worker.first_tokens if entry[0]]
+
+
+def environment_variable(worker: Worker, name: str) -> str | None:
     return os.environ.get(name)
 
 
-def set_load_chunk_bytes(scheduler: Scheduler, size: int) -> None:
-    scheduler.load_chunk_bytes = size
+def set_load_chunk_bytes(worker: Worker, size: int) -> None:
+    worker.load_chunk_bytes = size
 
 
-def count_steps_while_loading(scheduler: Scheduler) -> None:
+def count_steps_while_loading(worker: Worker) -> None:
     """From now on, count the batch steps taken while a model is being loaded."""
-    scheduler.steps_while_loading = 0
-    step = scheduler._step
+    worker.steps_while_loading = 0
+    step = worker.scheduler._step
 
     def counting_step(slot):
-        if scheduler.loading:
-            scheduler.steps_while_loading += 1
+        if worker.loading:
+            worker.steps_while_loading += 1
         step(slot)
 
-    scheduler._step = counting_step
+    worker.scheduler._step = counting_step
 
 
-def steps_while_loading(scheduler: Scheduler) -> int:
-    return scheduler.steps_while_loading
+def steps_while_loading(worker: Worker) -> int:
+    return worker.steps_while_loading

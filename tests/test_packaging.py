@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STUBS_V1 = ROOT / "stubs" / "src" / "mlx_serving" / "v1"
+# PEP 561: the generated packages tell type checkers that their .pyi files are to be used.
+TYPED_MARKERS = ("mlx_serving/v1/py.typed", "buf/validate/py.typed")
 
 CLIENT_SCRIPT = textwrap.dedent(
     """
@@ -60,9 +63,20 @@ def test_stubs_install_alone_without_mlx(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
-    installed = run(
-        [str(python), "-m", "pip", "install", "--quiet", str(ROOT / "stubs")], cwd=tmp_path
+    wheels = tmp_path / "wheels"
+    built = run(
+        [str(python), "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels)]
+        + [str(ROOT / "stubs")],
+        cwd=tmp_path,
     )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = wheels.glob("mlx_serving_proto-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert set(TYPED_MARKERS) <= names, sorted(names)
+    assert not {n for n in names if n.endswith("__init__.py")}, sorted(names)
+
+    installed = run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], cwd=tmp_path)
     assert installed.returncode == 0, installed.stdout + installed.stderr
 
     # cwd is tmp_path, so nothing from the checkout is importable by accident.

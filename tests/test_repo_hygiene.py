@@ -1,4 +1,7 @@
-"""Lint and drift checks, run as tests so the one README test command covers them."""
+"""Lint, drift and type checks, run as tests so the one README test command covers them.
+
+tests/conftest.py runs this module first, and ends the run when a `fail_fast` check fails.
+"""
 
 import shutil
 import subprocess
@@ -23,21 +26,32 @@ def check(cmd: list[str]) -> None:
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}"
 
 
+@pytest.mark.fail_fast
 def test_ruff_check() -> None:
     check([sys.executable, "-m", "ruff", "check", "--no-cache", "."])
 
 
+@pytest.mark.fail_fast
 def test_ruff_format() -> None:
     check([sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."])
 
 
+@pytest.mark.fail_fast
 def test_import_contracts() -> None:
     check([find_tool("lint-imports"), "--no-cache"])
 
 
+@pytest.mark.fail_fast
 def test_stubs_are_current() -> None:
     check([sys.executable, "scripts/gen_protos.py", "--check"])
 
 
+@pytest.mark.fail_fast
 def test_buf_lint() -> None:
     check([sys.executable, "scripts/gen_protos.py", "--lint"])
+
+
+@pytest.mark.fail_fast
+def test_mypy() -> None:
+    """The server's packages type-check ([tool.mypy] in pyproject.toml says what and how)."""
+    check([sys.executable, "-m", "mypy"])

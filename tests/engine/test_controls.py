@@ -7,6 +7,7 @@ import pytest
 from engine_probes import (
     delivered,
     first_tokens,
+    probe,
     record_deliveries,
     record_first_tokens,
     wait_until_idle,
@@ -91,7 +92,7 @@ async def test_a_finished_sequences_end_is_not_held_back_a_step(engine):
     """In a busy batch tokens reach readers a step late, but not the last one: its client may
     be waiting to send its next request. So the second-to-last token, the final chunk and the
     end of the stream leave in one message."""
-    await engine._call(record_deliveries)
+    await probe(engine, record_deliveries)
     prompts = ["Hello world", "1 2 3 4", "def f():", "Once upon", "abc", "xyz"]
     requests = [
         GenerationRequest(MODEL_ID, text=p, max_tokens=6, sampling=GREEDY, ignore_eos=True)
@@ -99,7 +100,7 @@ async def test_a_finished_sequences_end_is_not_held_back_a_step(engine):
     ]
     together = await asyncio.gather(*(run(engine, request) for request in requests))
     assert all(chunks[-1].finish_reason is FinishReason.MAX_TOKENS for *_, chunks in together)
-    messages = await engine._call(delivered)
+    messages = await probe(engine, delivered)
     for rid in {rid for message in messages for rid in message}:
         last = [message for message in messages if rid in message][-1]
         assert last.count(rid) == 3  # a token, the final chunk, the end marker
@@ -108,13 +109,13 @@ async def test_a_finished_sequences_end_is_not_held_back_a_step(engine):
 
 async def test_a_first_token_is_not_held_back_a_step(engine):
     """Nor is the first: it is the client's time to first token."""
-    await engine._call(record_first_tokens)
+    await probe(engine, record_first_tokens)
     requests = [
         GenerationRequest(MODEL_ID, text=f"{i} bottles", max_tokens=8, sampling=GREEDY)
         for i in range(6)
     ]
     await asyncio.gather(*(run(engine, request) for request in requests))
-    entries = await engine._call(first_tokens)
+    entries = await probe(engine, first_tokens)
     assert sum(len(produced) for produced, _ in entries) == 6
     assert max(len(produced) for produced, _ in entries) >= 4  # a step the thread would take
     for produced, carried in entries:
@@ -142,7 +143,7 @@ async def test_stop_token_ids_and_ignore_eos(engine, reference):
     assert got == [eos] * 4 and chunks[-1].finish_reason is FinishReason.MAX_TOKENS
 
 
-async def test_penalties_and_min_p_match_mlx_lm(engine, reference):
+async def test_penalties_match_mlx_lm(engine, reference):
     from mlx_lm.sample_utils import make_logits_processors
 
     model, tokenizer = reference
@@ -175,12 +176,43 @@ async def test_penalties_and_min_p_match_mlx_lm(engine, reference):
     assert plain != expected
 
 
-async def test_seeded_min_p_top_k_top_p_are_reproducible(engine):
-    sampling = SamplingParams(temperature=1.5, top_p=0.9, top_k=50, min_p=0.05, seed=3)
-    request = GenerationRequest(MODEL_ID, text="Once", max_tokens=16, sampling=sampling)
-    first = await run(engine, request)
-    again = await run(engine, request)
-    assert first[1] == again[1]
+@pytest.mark.parametrize(
+    "controls",
+    [{"top_k": 50, "min_p": 0.05}, {"top_p": 0.9, "min_p": 0.05}],
+    ids=["top_k-min_p", "top_p-min_p"],
+)
+async def test_seeded_sampling_matches_mlx_lm(engine, reference, controls):
+    """A seeded request draws, in the engine's batch, what mlx-lm draws alone from that seed.
+
+    top_k with top_p is left out: the two samplers apply them in different orders (see
+    test_sampling.py, which compares the samplers draw for draw on fixed log-probabilities).
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = reference
+
+    async def sampled(**controls) -> list[int]:
+        sampling = SamplingParams(temperature=1.5, seed=3, **controls)
+        request = GenerationRequest(MODEL_ID, text="Once", max_tokens=16, sampling=sampling)
+        return (await run(engine, request))[1]
+
+    got = await sampled(**controls)
+    sampler = make_sampler(
+        temp=1.5,
+        top_p=controls.get("top_p", 1.0),
+        min_p=controls.get("min_p", 0.0),
+        top_k=controls.get("top_k", 0),
+    )
+    # mlx-lm samples with the global key: seeded, it is key(3), split each step as ours is.
+    mx.random.seed(3)
+    expected = [
+        r.token
+        for r in mlx_lm.stream_generate(model, tokenizer, "Once", max_tokens=16, sampler=sampler)
+    ]
+    assert got == expected
+    assert await sampled(**controls) == got  # reproducible
+    assert await sampled() != got  # the controls changed what was drawn
 
 
 async def test_invalid_token_ids_in_controls_are_named(engine):

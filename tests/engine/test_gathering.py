@@ -2,7 +2,7 @@
 
 import asyncio
 
-from engine_probes import inserted, record_inserts, wait_until_idle
+from engine_probes import inserted, probe, record_inserts, wait_until_idle
 
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.engine import Engine
@@ -32,20 +32,20 @@ async def test_arrivals_share_a_prefill_and_a_lone_one_waits_no_longer_than_the_
         await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
         running = engine.generate(request("Tell me a story", max_tokens=100_000))
         await anext(running)
-        await engine._call(record_inserts, MODEL_ID)
+        await probe(engine, record_inserts, MODEL_ID)
 
         # Two arrivals a little apart: the first waits for the second, then both go together.
         first = asyncio.create_task(final_chunk(engine, request("Hello")))
         await asyncio.sleep(0.05)
         second = await final_chunk(engine, request("Good morning"))
         assert (await first).usage.completion_tokens == second.usage.completion_tokens == 3
-        assert await engine._call(inserted) == [2]
+        assert await probe(engine, inserted) == [2]
         # A full prefill batch goes at once, without waiting out the window.
         assert second.usage.queue_time < GATHER
 
         # A lone arrival waits out the window, then goes alone.
         lone = await final_chunk(engine, request("Once upon a time"))
-        assert await engine._call(inserted) == [2, 1]
+        assert await probe(engine, inserted) == [2, 1]
         assert lone.usage.queue_time >= GATHER
 
         # One that leaves while it waits never reaches the batch.
@@ -54,7 +54,7 @@ async def test_arrivals_share_a_prefill_and_a_lone_one_waits_no_longer_than_the_
         leaving.cancel()
         await asyncio.gather(leaving, return_exceptions=True)
         await asyncio.sleep(GATHER)
-        assert await engine._call(inserted) == [2, 1]
+        assert await probe(engine, inserted) == [2, 1]
 
         await running.aclose()
         await wait_until_idle(engine)

@@ -8,6 +8,7 @@ from engine_probes import (
     break_loop,
     count_steps_while_loading,
     environment_variable,
+    probe,
     set_load_chunk_bytes,
     steps_while_loading,
     wait_until_idle,
@@ -31,7 +32,7 @@ from mlx_serving.engine.events import (
 )
 from mlx_serving.engine.models import ModelSource, ModelState
 from mlx_serving.engine.requests import GenerationRequest, SamplingParams
-from mlx_serving.engine.scheduler import backend_conflict, installed_mlx_backends
+from mlx_serving.engine.worker import backend_conflict, installed_mlx_backends
 
 MODEL_ID = "tiny"  # loaded by the engine fixture in conftest.py
 
@@ -159,7 +160,7 @@ async def test_a_dead_engine_thread_ends_streams_and_says_so(engine):
     stream = engine.generate(LONG)
     await anext(stream)
 
-    await engine._call(break_loop)
+    await probe(engine, break_loop)
     with pytest.raises(EngineUnavailable):
         async for _ in stream:
             pass
@@ -194,7 +195,7 @@ async def test_the_engine_process_prefills_without_cudnn_attention_unless_told(m
         engine = Engine(config)
         await engine.start()
         try:
-            return await engine._call(environment_variable, variable)
+            return await probe(engine, environment_variable, variable)
         finally:
             await engine.shutdown(0)
 
@@ -209,8 +210,8 @@ async def test_the_engine_process_prefills_without_cudnn_attention_unless_told(m
 async def test_loading_a_model_does_not_hold_up_the_others(engine, model_path):
     """A load reads its weights a piece per loop turn, between the batch steps of the models
     already loaded: their streams go on while it loads."""
-    await engine._call(set_load_chunk_bytes, 1)  # one weight per turn
-    await engine._call(count_steps_while_loading)
+    await probe(engine, set_load_chunk_bytes, 1)  # one weight per turn
+    await probe(engine, count_steps_while_loading)
     tokens = 0
 
     async def read(stream):
@@ -238,7 +239,7 @@ async def test_loading_a_model_does_not_hold_up_the_others(engine, model_path):
     assert any(0 < read < size == info.weight_bytes for read, size in progress), progress
     assert during >= 5, f"only {during} tokens while the model loaded"
     # At least a step per weight read (the tiny model has 27, fused).
-    assert await engine._call(steps_while_loading) >= 27
+    assert await probe(engine, steps_while_loading) >= 27
     text = GenerationRequest("second", text="Hello", max_tokens=8, ignore_eos=True)
     assert [c async for c in engine.generate(text)][-1].usage.completion_tokens == 8
     await engine.unload_model("second")

@@ -12,7 +12,7 @@ import pytest
 
 import mlx_serving
 
-LISTENING = re.compile(r"^mlx-serving listening on (\S+:\d+)$")
+LISTENING = re.compile(r"^mlx-serving listening on (\S+:\d+)(?::| |$)")
 STARTUP_SECONDS = 120
 
 
@@ -39,6 +39,7 @@ def start_server(args: list[str], log: Path, **env: str) -> tuple[subprocess.Pop
     if not (match := LISTENING.match(line)):
         process.kill()
         pytest.fail(f"no address printed (got {line!r}); log:\n{log.read_text()}")
+    process.startup_line = line
     return process, match.group(1)
 
 

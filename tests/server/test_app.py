@@ -7,7 +7,7 @@ import socket
 import grpc
 import pytest
 import pytest_asyncio
-from engine_probes import break_loop, wait_until_idle
+from engine_probes import break_loop, probe, wait_until_idle
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -112,7 +112,7 @@ async def test_a_dead_engine_thread_ends_streams_and_turns_health_not_serving(ow
     stream = generate.Generate(long_request())
     await stream.read()
 
-    await app.engine._call(break_loop)
+    await probe(app.engine, break_loop)
     error = await rpc_error(stream)
     assert error.code() is grpc.StatusCode.UNAVAILABLE
     assert "injected" not in error.details()

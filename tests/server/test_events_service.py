@@ -7,11 +7,12 @@ import time
 import grpc
 import pytest
 import pytest_asyncio
-from engine_probes import break_loop, wedge_steps
+from engine_probes import break_loop, probe, wedge_steps
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from wire_helpers import generate_all, rpc_error, violated_fields, wait_for_subscribers
 
 from mlx_serving.engine.config import EngineConfig
+from mlx_serving.server.services import EventsService
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import events_service_pb2_grpc as events_grpc
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
@@ -160,7 +161,7 @@ async def test_an_invalid_event_is_logged_counted_and_not_sent(app, channel, cap
     from mlx_serving.engine import events
 
     call = await subscribe(channel, app, types=[events_pb.EVENT_TYPE_MODEL_INVALIDATED])
-    encoder = app.engine.events.prepare.__self__
+    encoder = app.servicers[EventsService]
     # The contract requires a reason: this payload is a bug.
     app.engine.events.publish(events.Event(events.ModelInvalidated(model=MODEL_ID, reason="")))
     app.engine.events.publish(events.Event(events.ModelInvalidated(model=MODEL_ID, reason="x")))
@@ -229,7 +230,7 @@ async def test_streams_end_cleanly_when_the_server_stops(app, channel):
 async def test_a_dead_engine_invalidates_its_models_and_says_so(app, channel, health):
     call = await subscribe(channel, app)
 
-    await app.engine._call(break_loop)
+    await probe(app.engine, break_loop)
     request = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=5)
     error = await rpc_error(generate_grpc.GenerateServiceStub(channel).Generate(request))
     assert error.code() is grpc.StatusCode.UNAVAILABLE
@@ -245,7 +246,7 @@ async def test_a_wedged_engine_is_declared_dead_within_a_second(fresh_server, mo
     app = await fresh_server(EngineConfig(wedge_timeout_seconds=0.3))
     async with grpc.aio.insecure_channel(app.address) as channel:
         call = await subscribe(channel, app, types=[events_pb.EVENT_TYPE_MODEL_INVALIDATED])
-        await app.engine._call(wedge_steps, MODEL_ID, 2.0)
+        await probe(app.engine, wedge_steps, MODEL_ID, 2.0)
         request = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=5)
         started = time.monotonic()
         error = await rpc_error(generate_grpc.GenerateServiceStub(channel).Generate(request))

@@ -210,3 +210,14 @@ async def test_an_expired_deadline_ends_the_stream_and_frees_the_engine(generate
     error = await rpc_error(call)
     assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     await wait_until_idle(server.engine)
+
+
+async def test_special_tokens_are_hidden_from_the_text_unless_asked_for(generate, hf_tokenizer):
+    eos = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    forced = {"ignore_eos": True, "logit_bias": {eos: 100.0}}
+    _, text, ids = await generate_all(generate, greedy(max_tokens=4, **forced))
+    assert ids == [eos] * 4 and text == ""
+    _, shown, ids = await generate_all(
+        generate, greedy(max_tokens=4, include_special_tokens=True, **forced)
+    )
+    assert ids == [eos] * 4 and shown == "<|im_end|>" * 4

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import start_app
-from engine_probes import break_steps, poison_seed
+from engine_probes import break_steps, poison_seed, probe
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from model_variants import model_variant
 from wire_helpers import field_violations, rpc_error
@@ -93,7 +93,7 @@ async def test_a_top_k_past_the_vocabulary_samples_and_harms_no_one(generate, se
 
 
 async def test_a_sequence_whose_sampling_raises_fails_alone(generate, server):
-    await server.engine._call(poison_seed, 666)
+    await probe(server.engine, poison_seed, 666)
     witness = generate.Generate(bystander())
     await witness.read()
     poisoned = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", seed=666, max_tokens=5)
@@ -111,7 +111,7 @@ async def test_a_failing_batch_step_ends_its_streams_and_the_engine_serves_on(fr
         generate = generate_grpc.GenerateServiceStub(channel)
         stream = generate.Generate(bystander())
         await stream.read()
-        await app.engine._call(break_steps, MODEL_ID)
+        await probe(app.engine, break_steps, MODEL_ID)
         error = await rpc_error(stream)
         assert error.code() is grpc.StatusCode.INTERNAL and "request id" in error.details()
         again = generate_pb.GenerateRequest(model_id=MODEL_ID, text="hi", max_tokens=3)
@@ -352,7 +352,7 @@ async def test_runtime_status_after_a_dead_engine_counts_no_models(fresh_server)
             events_pb.SubscribeRequest(types=[events_pb.EVENT_TYPE_RUNTIME_STATUS])
         )
         await asyncio.sleep(0.1)
-        await app.engine._call(break_loop)
+        await probe(app.engine, break_loop)
         await app.engine.wait_stopped()
         await app.stop(0)
         statuses = []

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 import pytest_asyncio
-from engine_probes import break_loop, wait_until_idle
+from engine_probes import break_loop, probe, wait_until_idle
 from prometheus_client.parser import text_string_to_metric_families
 from wire_helpers import generate_all, rpc_error, wait_for_subscribers
 
@@ -28,7 +28,9 @@ from mlx_serving.v1 import generate_service_pb2_grpc as generate_grpc
 from mlx_serving.v1 import tokenize_service_pb2 as tokenize_pb
 from mlx_serving.v1 import tokenize_service_pb2_grpc as tokenize_grpc
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+# The async tests share the session loop of the fixtures; not a module-wide pytestmark, which
+# would mark the plain test below too (a PytestWarning for each of its cases).
+session_loop = pytest.mark.asyncio(loop_scope="session")
 
 MODEL_ID = "tiny"
 GENERATE = "/mlx_serving.v1.GenerateService/Generate"
@@ -106,6 +108,7 @@ async def scrape_until(app: ServingApp, done: Callable[[dict], bool]) -> dict:
         await asyncio.sleep(0.05)
 
 
+@session_loop
 async def test_counts_are_exact_after_a_known_sequence_of_rpcs(app, channel):
     generate = generate_grpc.GenerateServiceStub(channel)
     subscription = events_grpc.EventsServiceStub(channel).Subscribe(
@@ -178,6 +181,7 @@ async def test_counts_are_exact_after_a_known_sequence_of_rpcs(app, channel):
     assert samples[sample("prefix_cache_bytes")] > 0
 
 
+@session_loop
 async def test_metrics_off_installs_nothing_and_serves_no_port(model_path):
     app = await start_app(model_path, TelemetrySettings(enabled=False, prometheus_port=0))
     try:
@@ -188,6 +192,7 @@ async def test_metrics_off_installs_nothing_and_serves_no_port(model_path):
         await app.stop(0)
 
 
+@session_loop
 async def test_each_telemetry_has_a_registry_and_port_of_its_own(model_path):
     settings = TelemetrySettings(enabled=True, prometheus_port=0)
     apps = [await start_app(model_path, settings) for _ in range(2)]
@@ -202,6 +207,7 @@ async def test_each_telemetry_has_a_registry_and_port_of_its_own(model_path):
             await app.stop(0)
 
 
+@session_loop
 async def test_a_dead_engine_thread_leaves_no_sequence_counted(model_path):
     app = await start_app(model_path, TelemetrySettings(enabled=True, prometheus_port=0))
     try:
@@ -212,7 +218,7 @@ async def test_a_dead_engine_thread_leaves_no_sequence_counted(model_path):
             await stream.read()
             assert (await scrape(app))[sample("active_sequences", model=MODEL_ID)] == 1
 
-            await app.engine._call(break_loop)
+            await probe(app.engine, break_loop)
             assert (await rpc_error(stream)).code() is grpc.StatusCode.UNAVAILABLE
         expected = {sample("rpc_requests_total", method=GENERATE, code="UNAVAILABLE"): 1}
         samples = await scrape_until(
@@ -231,6 +237,7 @@ async def test_a_dead_engine_thread_leaves_no_sequence_counted(model_path):
         await app.stop(0)
 
 
+@session_loop
 async def test_an_expired_deadline_counts_as_deadline_exceeded(app, channel):
     generate = generate_grpc.GenerateServiceStub(channel)
     call = generate.Generate(request(OTHER_PROMPT, 100_000), timeout=1.0)

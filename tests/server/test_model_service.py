@@ -2,7 +2,7 @@ import grpc
 import pytest
 from wire_helpers import rpc_error, violated_fields
 
-from mlx_serving.engine.default_model import DEFAULT_MODEL_NAME
+from mlx_serving.server.default_model import DEFAULT_MODEL_NAME
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
 from mlx_serving.v1 import model_service_pb2 as model_pb
 

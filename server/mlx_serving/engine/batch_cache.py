@@ -11,6 +11,8 @@ attention mask and every token, are exactly what mlx-lm computes. A row taken ou
 copied out at once (see `HostBatchKVCache.extract`).
 """
 
+from typing import cast
+
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
@@ -107,7 +109,10 @@ class HostKVCache(KVCache):
 
 def host_left_padding(cache: BatchKVCache) -> list[int]:
     padding = getattr(cache, "host_left_padding", None)
-    return list(padding) if padding is not None else cache.left_padding.tolist()
+    if padding is not None:
+        return list(padding)
+    # A 1-D int array: tolist() gives list[int] (its annotation covers every shape and dtype).
+    return cast(list[int], cache.left_padding.tolist())
 
 
 def make_cache(model) -> list:

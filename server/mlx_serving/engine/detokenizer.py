@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 
 class StreamingDetokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer) -> None:
         self._decode_ids = make_decoder(tokenizer)
         self._ids: list[int] = []
         self._prefix_offset = 0

@@ -15,10 +15,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from ctypes import c_double
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .admission import admit, check_token_ids
 from .config import EngineConfig, mlx_environment
@@ -28,7 +31,6 @@ from .errors import (
     ModelAlreadyExists,
     ModelNotFound,
     ModelNotReady,
-    RequestAborted,
 )
 from .events import (
     ErrorOccurred,
@@ -41,13 +43,32 @@ from .events import (
 from .models import ModelInfo, ModelSource, ModelState
 from .observer import EngineObserver, replay
 from .prompts import Prompts
+from .protocol import (
+    END,
+    AbortAll,
+    Admit,
+    Call,
+    Cancel,
+    Died,
+    Failure,
+    Load,
+    LoadProgress,
+    Observe,
+    Result,
+    StepOutput,
+    Stop,
+    Stopped,
+    Unload,
+    WatchTokens,
+)
 from .requests import GenerationChunk, GenerationRequest
-from .scheduler import END, Scheduler, run_engine_process
 
 log = logging.getLogger(__name__)
 
 # Spawned, never forked: a fork would copy the server's gRPC and thread state.
 PROCESS_CONTEXT = multiprocessing.get_context("spawn")
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -69,9 +90,11 @@ class Engine:
         self._infos: dict[str, ModelInfo] = {}
         self._prompts = Prompts(config)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._process = None
-        self._commands = self._results = None
-        self._heartbeat = None
+        # Set by start(), with the threads and the watchdog below.
+        self._process: SpawnProcess | None = None
+        self._commands: Connection | None = None
+        self._results: Connection | None = None
+        self._heartbeat: c_double | None = None  # a shared RawValue("d"): lock=False
         self._reader: threading.Thread | None = None
         # Commands to the engine process, written by a thread: a busy engine's full pipe must
         # not block the event loop.
@@ -112,7 +135,7 @@ class Engine:
         self._writer = threading.Thread(target=self._write, name="mlx-engine-writer", daemon=True)
         self._writer.start()
         self._watchdog = asyncio.create_task(self._watch())
-        self._post(Scheduler.set_observing, self._records(self._observer))
+        self._post(Observe(self._records(self._observer)))
 
     @property
     def observer(self) -> EngineObserver:
@@ -122,7 +145,7 @@ class Engine:
     def observer(self, observer: EngineObserver) -> None:
         self._observer = observer
         if self._running and not self._dead:
-            self._post(Scheduler.set_observing, self._records(observer))
+            self._post(Observe(self._records(observer)))
 
     @staticmethod
     def _records(observer: EngineObserver) -> bool:
@@ -143,14 +166,11 @@ class Engine:
         """Refuse new work, let in-flight requests finish within `grace`, then end the rest."""
         if not self._running:
             return
+        process, watchdog = started(self._process), started(self._watchdog)
+        reader, writer = started(self._reader), started(self._writer)
+        commands, results = started(self._commands), started(self._results)
         self._draining = True
         self.events.publish(Event(RuntimeStatus("shutdown", self._ready_models(), self._active)))
-        if self._active:
-            log.info(
-                "draining %d generation(s), up to %g s",
-                self._active,
-                self.config.shutdown_grace_seconds if grace is None else grace,
-            )
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         while self._active and time.monotonic() < deadline:
@@ -159,21 +179,21 @@ class Engine:
         # clean up below.
         with contextlib.suppress(EngineUnavailable):
             if not self._dead:
-                await self._call(Scheduler.abort_all, RequestAborted("the server is shutting down"))
-                self._post(Scheduler.stop)
+                await self._call(AbortAll("the server is shutting down"))
+                self._post(Stop())
         self._running = False
-        self._watchdog.cancel()
+        watchdog.cancel()
         self._outbox.put(None)
         self._prompts.close()
         # A wedged process may never return: wait for it only a moment then.
-        await asyncio.to_thread(self._process.join, 1.0 if self._dead else 30.0)
-        if self._process.is_alive():
-            self._process.kill()
-            await asyncio.to_thread(self._process.join)
-        await asyncio.to_thread(self._writer.join)
-        self._commands.close()
-        await asyncio.to_thread(self._reader.join)
-        self._results.close()
+        await asyncio.to_thread(process.join, 1.0 if self._dead else 30.0)
+        if process.is_alive():
+            process.kill()
+            await asyncio.to_thread(process.join)
+        await asyncio.to_thread(writer.join)
+        commands.close()
+        await asyncio.to_thread(reader.join)
+        results.close()
         self.events.close()
 
     # ---- models ----------------------------------------------------------------------
@@ -192,7 +212,7 @@ class Engine:
 
     async def _finish_load(self, source: ModelSource, model_id: str) -> ModelInfo:
         try:
-            info, path = await self._call(Scheduler.load, source, model_id)
+            info, path = await self._call(Load(source, model_id))
             # The facade's own tokenizer: prompts are tokenized here, not in the engine process.
             await self._prompts.add_model(model_id, Path(path))
         except BaseException:
@@ -206,7 +226,7 @@ class Engine:
         info = self.get_model(model_id)
         if info.state is not ModelState.READY:
             raise ModelNotReady(model_id, info.state.value)
-        await self._call(Scheduler.unload, model_id)
+        await self._call(Unload(model_id))
         self._infos.pop(model_id, None)
         self._prompts.remove_model(model_id)
 
@@ -255,10 +275,12 @@ class Engine:
 
     # ---- generation ------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         return self._generate(request, internal=False)
 
-    async def _generate(self, request: GenerationRequest, internal: bool):
+    async def _generate(
+        self, request: GenerationRequest, internal: bool
+    ) -> AsyncGenerator[GenerationChunk, None]:
         info = self._ready_model(request.model_id)
         if self._active >= self.config.max_batch_size + self.config.max_queued_requests:
             raise EngineOverloaded(self.config.retry_after_seconds)
@@ -272,7 +294,7 @@ class Engine:
             self._check_accepting()  # a shutdown may have begun while the prompt was encoded
             ticket = Ticket(rid=next(self._ids), outbox=asyncio.Queue())
             self._tickets[ticket.rid] = ticket
-            self._post(Scheduler.admit, admission, ticket.rid, internal)
+            self._post(Admit(admission, ticket.rid, internal))
             del admission
             while not ticket.finished:
                 items = [await ticket.outbox.get()]
@@ -286,7 +308,7 @@ class Engine:
                 if error is not None:
                     # Our frame must not hold the error its traceback holds: that cycle would
                     # keep the request alive until the garbage collector's next full pass.
-                    items = chunks = None
+                    del items, chunks
                     try:
                         raise error
                     finally:
@@ -298,7 +320,7 @@ class Engine:
                 if not ticket.finished and not self._dead and self._running:
                     # FIFO commands: this runs after the admission.
                     with contextlib.suppress(EngineUnavailable):  # a dead process runs nothing
-                        self._post(Scheduler.cancel, ticket.rid)
+                        self._post(Cancel(ticket.rid))
 
     # ---- events ----------------------------------------------------------------------
 
@@ -315,15 +337,16 @@ class Engine:
         wanted = self.events.token_subscribers > 0
         if wanted != self._token_events and self._running and not self._dead:
             self._token_events = wanted
-            self._post(Scheduler.set_token_events, wanted)
+            self._post(WatchTokens(wanted))
 
     async def _watch(self) -> None:
         """Declare the engine dead when it shows no progress for the wedge timeout: its loop
         beats at every command, every batch step and every idle wait (see Scheduler.run)."""
+        heartbeat = started(self._heartbeat)
         timeout = self.config.wedge_timeout_seconds
         while not self._dead:
             await asyncio.sleep(min(0.25, timeout / 4))
-            beat = self._heartbeat.value
+            beat = heartbeat.value
             if beat and time.monotonic() - beat > timeout:
                 self._fail(f"the engine is wedged: no progress for over {timeout:g} s")
 
@@ -347,8 +370,9 @@ class Engine:
         self.events.publish(Event(ErrorOccurred(reason, code="engine_dead")))
         self.events.publish(Event(RuntimeStatus("error", self._ready_models(), self._active)))
         self._stopped.set()
-        if self._process.is_alive():  # wedged: nothing it could still do would reach anyone
-            self._process.kill()
+        process = started(self._process)
+        if process.is_alive():  # wedged: nothing it could still do would reach anyone
+            process.kill()
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -360,22 +384,21 @@ class Engine:
         if not self._running:
             raise EngineUnavailable("the engine is not running")
 
-    async def _call(self, fn: Callable, *args) -> Any:
-        """`fn(scheduler, *args)` in the engine process, awaited. `fn` must be importable there
-        (a Scheduler method, a module-level function) and its arguments picklable."""
+    async def _call(self, command: Any) -> Any:
+        """A command (protocol.py) run in the engine process; its result, or its error raised."""
         call_id = next(self._ids)
-        future = self._calls[call_id] = self._loop.create_future()
-        self._send((call_id, fn, args))
+        future = self._calls[call_id] = started(self._loop).create_future()
+        self._send(Call(call_id, command))
         try:
             return await future
         finally:
             self._calls.pop(call_id, None)
 
-    def _post(self, fn: Callable, *args) -> None:
-        """`fn(scheduler, *args)` in the engine process, not awaited."""
-        self._send((None, fn, args))
+    def _post(self, command: Any) -> None:
+        """A command run in the engine process, not awaited."""
+        self._send(command)
 
-    def _send(self, command: tuple) -> None:
+    def _send(self, command: Any) -> None:
         if self._dead or self._writer is None:
             raise EngineUnavailable("the engine process is gone")
         self._outbox.put(command)
@@ -383,9 +406,10 @@ class Engine:
     def _write(self) -> None:
         """Writer thread: pickles and sends the commands, in order, until told to stop (None).
         A pipe that breaks means the process is gone, which the reader thread reports."""
+        commands = started(self._commands)
         while (command := self._outbox.get()) is not None:
             try:
-                self._commands.send(command)
+                commands.send(command)
             except (BrokenPipeError, ConnectionResetError, OSError):
                 return
             del command
@@ -394,51 +418,59 @@ class Engine:
 
     def _read(self) -> None:
         """Reader thread: one hop to the loop per message; the pipe's end is the process's."""
+        results, process = started(self._results), started(self._process)
         while True:
             try:
-                message = self._results.recv()
+                message = results.recv()
             except (EOFError, OSError):
                 break
             self._to_loop(self._receive, message)
-        self._process.join(1.0)  # here, not on the loop: its exit code, if it is exiting
+        process.join(1.0)  # here, not on the loop: its exit code, if it is exiting
         self._to_loop(self._process_ended)
 
     def _to_loop(self, fn: Callable, *args) -> None:
+        loop = started(self._loop)
         with contextlib.suppress(RuntimeError):  # the loop has closed: no one left to tell
-            self._loop.call_soon_threadsafe(fn, *args)
+            loop.call_soon_threadsafe(fn, *args)
 
-    def _receive(self, message: tuple) -> None:
-        kind, *body = message
-        if kind == "step":
-            deliveries, events, observations = body
-            tickets = self._tickets
-            for delivery in deliveries:
-                if (ticket := tickets.get(delivery[0])) is not None:
-                    # (rid, text, token ids) is a chunk mid-stream; (rid, item) anything else.
-                    item = delivery[1] if len(delivery) == 2 else GenerationChunk(*delivery[1:])
-                    ticket.outbox.put_nowait(item)
-            replay(self._observer, observations)
-            if self._draining:  # the engine's "ready" would follow our "shutdown"
-                events = [e for e in events if not isinstance(e.payload, RuntimeStatus)]
-            self.events.publish_all(events)
-        elif kind == "loading":
-            model_id, read, total = body
-            info = self._infos.get(model_id)
+    def _receive(self, reply: Any) -> None:
+        if type(reply) is StepOutput:
+            self._take_step(reply)
+        elif isinstance(reply, LoadProgress):
+            info = self._infos.get(reply.model_id)
             if info is not None and info.state is ModelState.LOADING:
-                self._infos[model_id] = replace(info, weight_bytes=total, weight_bytes_loaded=read)
-        elif kind == "result":
-            call_id, ok, value = body
-            future = self._calls.get(call_id)
+                progress = replace(
+                    info, weight_bytes=reply.total_bytes, weight_bytes_loaded=reply.read_bytes
+                )
+                self._infos[reply.model_id] = progress
+        elif isinstance(reply, (Result, Failure)):
+            future = self._calls.get(reply.call_id)
             if future is not None and not future.done():
-                (future.set_result if ok else future.set_exception)(value)
-        elif kind == "failed":
-            self._fail(body[0])
-        elif kind == "stopped":
+                if isinstance(reply, Result):
+                    future.set_result(reply.value)
+                else:
+                    future.set_exception(reply.error)
+        elif isinstance(reply, Died):
+            self._fail(reply.reason)
+        elif isinstance(reply, Stopped):
             self._stopped.set()
+
+    def _take_step(self, step: StepOutput) -> None:
+        tickets = self._tickets
+        for delivery in step.deliveries:
+            if (ticket := tickets.get(delivery[0])) is not None:
+                # (rid, text, token ids) is a chunk mid-stream; (rid, item) anything else.
+                item = delivery[1] if len(delivery) == 2 else GenerationChunk(*delivery[1:])
+                ticket.outbox.put_nowait(item)
+        replay(self._observer, step.observations)
+        events = step.events
+        if self._draining:  # the engine's "ready" would follow our "shutdown"
+            events = [e for e in events if not isinstance(e.payload, RuntimeStatus)]
+        self.events.publish_all(events)
 
     def _process_ended(self) -> None:
         if self._running and not self._dead:
-            code = self._process.exitcode
+            code = started(self._process).exitcode
             self._fail(f"the engine process exited unexpectedly (exit code {code})")
         self._stopped.set()
 
@@ -471,6 +503,21 @@ class EventStream:
 
     async def aclose(self) -> None:
         self.close()
+
+
+def started(part: T | None) -> T:
+    """A part of the engine that `start` sets, for code that only runs once it has."""
+    if part is None:
+        raise EngineUnavailable("the engine is not running")
+    return part
+
+
+def run_engine_process(*args) -> None:
+    """The engine process's main, imported there only: the facade never loads the worker (and
+    MLX's model code) into the server's process."""
+    from .worker import run_engine_process as main
+
+    main(*args)
 
 
 def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:

@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,15 +141,11 @@ class Subscription:
 
 
 class EventBus:
-    """Lives on the event loop; the facade publishes the engine process's events once per step.
-
-    `prepare`, when set, turns an event into what subscribers receive (the server encodes and
-    validates there, once per event, whatever the number of subscribers); None drops it.
-    """
+    """Lives on the event loop; the facade publishes the engine process's events once per step,
+    and each subscriber gets the events it wants as they are (the wire layer encodes them)."""
 
     def __init__(self, buffer_size: int = DEFAULT_SUBSCRIBER_BUFFER):
         self.buffer_size = buffer_size
-        self.prepare: Callable[[Event], Any] | None = None
         self._subscriptions: set[Subscription] = set()
         # The facade tells the engine process whether to build per-token events: none, no cost.
         self.token_subscribers = 0
@@ -169,14 +164,9 @@ class EventBus:
             self.token_subscribers -= subscription.wants_tokens
 
     def publish(self, event: Event) -> None:
-        wanting = [s for s in self._subscriptions if s.wants(event)]
-        if not wanting:
-            return
-        item = self.prepare(event) if self.prepare is not None else event
-        if item is None:
-            return
-        for subscription in wanting:
-            subscription.offer(item)
+        for subscription in self._subscriptions:
+            if subscription.wants(event):
+                subscription.offer(event)
 
     def publish_all(self, events: list[Event]) -> None:
         for event in events:

@@ -44,6 +44,8 @@ def attend(self, queries, keys, values, mask, cache) -> mx.array:
 
 class FusedAttention(llama.Attention):
     decode_kernel = True
+    # Llama's ModelArgs types num_key_value_heads `int | None`; its __post_init__ fills it in.
+    n_kv_heads: int
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         qkv = split_heads(self, x).transpose(0, 2, 1, 3)
@@ -90,7 +92,7 @@ class FusedQwen3MLP(qwen3.MLP):
 
 
 # mlx-lm class → (its projections to concatenate, the fused layer's name, the fused class)
-FUSIONS = {
+FUSIONS: dict[type[nn.Module], tuple[tuple[str, ...], str, type[nn.Module]]] = {
     llama.Attention: (("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedAttention),
     qwen2.Attention: (("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedQwen2Attention),
     qwen3.Attention: (("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedQwen3Attention),

@@ -1,10 +1,9 @@
 """Turn a ModelSource into a loaded model, its tokenizer and what we report about it."""
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,35 +28,49 @@ class LoadedModel:
 def resolve_model_path(source: ModelSource) -> Path:
     """A local directory, or a Hugging Face snapshot: cache first, so cached models work offline."""
     if source.local_path:
-        path = Path(source.local_path).expanduser()
-        try:
-            is_model = (path / "config.json").is_file()
-        except OSError as exc:  # a name too long, a directory we may not read
-            raise ModelSourceNotFound(f"{shorten(source.local_path)!r}: {exc.strerror}") from None
-        if not is_model:
-            raise ModelSourceNotFound(
-                f"{shorten(source.local_path)!r} is not a model directory (no config.json)"
-            )
-        return path
+        return local_model_directory(source.local_path)
+    if source.repo_id is None:  # ModelSource holds exactly one of the two
+        raise ModelSourceNotFound("the model source has neither a local path nor a repository")
+    return hugging_face_snapshot(source.repo_id, source.revision)
+
+
+def local_model_directory(local_path: str) -> Path:
+    path = Path(local_path).expanduser()
+    try:
+        is_model = (path / "config.json").is_file()
+    except OSError as exc:  # a name too long, a directory we may not read
+        raise ModelSourceNotFound(f"{shorten(local_path)!r}: {exc.strerror}") from None
+    if not is_model:
+        raise ModelSourceNotFound(
+            f"{shorten(local_path)!r} is not a model directory (no config.json)"
+        )
+    return path
+
+
+def hugging_face_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The cached snapshot, else a download. The download is tried even with HF_HUB_OFFLINE set:
+    huggingface_hub then refuses at once, and its refusal says why in words."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(source.repo_id, revision=source.revision, local_files_only=True)
-        )
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelSourceNotFound(
-            f"{source.repo_id!r} is not in the Hugging Face cache (HF_HUB_OFFLINE=1)"
-        )
+        pass  # not cached (or a broken cache entry): the download below tells the cause
     try:
-        return Path(snapshot_download(source.repo_id, revision=source.revision))
+        return Path(snapshot_download(repo_id, revision=revision))
     except Exception as exc:
+        name = f"{repo_id}@{revision}" if revision else repo_id
         raise ModelSourceNotFound(
-            f"{source.repo_id!r} is not in the Hugging Face cache and could not be downloaded: "
-            f"{type(exc).__name__}"
+            f"{name!r} is not in the Hugging Face cache and could not be downloaded: "
+            f"{error_in_words(exc)}"
         ) from None
+
+
+def error_in_words(exc: BaseException, limit: int = 300) -> str:
+    """The exception's message on one line, cut at `limit` characters; its class name if it has
+    none. huggingface_hub's messages span lines and end in links: the start is what matters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def shorten(text: str, limit: int = 200) -> str:
@@ -86,8 +99,14 @@ def read_tokenizer(path: Path, config: dict[str, Any]) -> TokenizerWrapper:
         ) from None
 
 
+def named_weights(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """The model's parameters as (dotted name, array), in order. Without a `destination`,
+    tree_flatten returns this list; its annotation also allows the dict it fills instead."""
+    return cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+
+
 def weight_bytes(model: nn.Module) -> int:
-    return sum(weight.nbytes for _, weight in tree_flatten(model.parameters()))
+    return sum(weight.nbytes for _, weight in named_weights(model))
 
 
 def weight_chunks(model: nn.Module, max_bytes: int) -> list[list[mx.array]]:
@@ -95,7 +114,7 @@ def weight_chunks(model: nn.Module, max_bytes: int) -> list[list[mx.array]]:
     larger): reading one group is a short pause, not the whole model's."""
     chunks: list[list[mx.array]] = [[]]
     size = 0
-    for _, weight in tree_flatten(model.parameters()):
+    for _, weight in named_weights(model):
         if chunks[-1] and size + weight.nbytes > max_bytes:
             chunks.append([])
             size = 0
@@ -154,7 +173,20 @@ def context_length(config: dict[str, Any]) -> int:
 
 
 def weights_dtype(model: nn.Module) -> str:
-    for _, value in tree_flatten(model.parameters()):
+    for _, value in named_weights(model):
         if mx.issubdtype(value.dtype, mx.floating):
             return str(value.dtype).removeprefix("mlx.core.")
     return ""
+
+
+def load_model(
+    source: ModelSource, model_id: str, fuse: bool = True, decode_kernel: bool = True
+) -> LoadedModel:
+    """All of a model at once, in the calling thread (tests, tools); the engine process reads
+    one piece per loop turn instead, so that the other models keep stepping."""
+    path = resolve_model_path(source)
+    model, config = build_model(path, fuse=fuse, decode_kernel=decode_kernel)
+    mx.eval(model.parameters())
+    tokenizer = read_tokenizer(path, config)
+    info = describe_model(model_id, source, model, tokenizer, config)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, path=path)

@@ -53,7 +53,7 @@ class RecordingObserver(EngineObserver):
     """The engine process's observer: it records each call, and the facade replays them on the
     real observer with the step's results (a tuple append per call on the hot path)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.calls: list[tuple[str, tuple]] = []
 
     def take(self) -> list[tuple[str, tuple]]:

@@ -84,6 +84,8 @@ class Prompts:
             )
             add_special = False
         else:
+            # Exactly one of token_ids, messages, text is set (see GenerationRequest).
+            assert request.text is not None, "a generation request without a prompt"
             text = request.text
             # As mlx_lm.generate does: add BOS unless the text already starts with it.
             bos = model.tokenizer.bos_token

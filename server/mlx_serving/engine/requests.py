@@ -54,6 +54,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     # Keep the matched stop string (or stop token's text) at the end of the output.
     include_stop: bool = False
+    # Show special tokens (EOS, chat markers) in the text; their ids are sent either way.
+    include_special_tokens: bool = False
     request_id: str = ""
     # Caller's labels, echoed in this request's events.
     metadata: tuple[tuple[str, str], ...] = ()

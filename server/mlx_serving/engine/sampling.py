@@ -27,12 +27,13 @@ def make_sampler(params: SamplingParams) -> Sampler | None:
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, step_key = mx.random.split(key)
-        if params.top_k > 0:
-            logprobs = apply_top_k(logprobs, params.top_k)
+        # mlx-lm's order (make_sampler): top-p, min-p, then top-k.
         if params.top_p < 1.0:
             logprobs = apply_top_p(logprobs, params.top_p)
         if params.min_p > 0.0:
             logprobs = apply_min_p(logprobs, params.min_p)
+        if params.top_k > 0:
+            logprobs = apply_top_k(logprobs, params.top_k)
         return mx.random.categorical(logprobs * inverse_temperature, key=step_key)
 
     return sample

@@ -1,24 +1,15 @@
-"""The engine process: the one owner of every MLX object (models, KV caches, batches).
+"""Every model's continuous batch, as plain code: admit, cancel, unload, and `step()`.
 
-The Engine facade (engine.py) starts this module's `run_engine_process` in a process of its
-own, so that the Python work of the wire layer never competes with the decode loop for a GIL:
-on a GPU a small model's batch step is bound by the host, and every microsecond the event loop
-holds the GIL was a microsecond of decoding lost. Commands arrive as `(call id, function,
-args)` over one pipe; results go back over another, once per step for every request's chunks,
-every event and every observer call together.
+No process, pipe or pickling here: the engine process (worker.py) drives a Scheduler with the
+facade's commands and sends what each `step()` returns; a test builds one in-process with a
+model and steps it directly.
 """
 
-import contextlib
-import importlib.metadata
 import logging
-import pickle
-import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -29,13 +20,7 @@ from .admission import Admission
 from .batch_cache import make_cache
 from .config import EngineConfig
 from .detokenizer import StreamingDetokenizer
-from .errors import (
-    ModelLoadFailed,
-    ModelNotFound,
-    ModelSourceNotFound,
-    RequestAborted,
-    SequenceFailed,
-)
+from .errors import ModelNotFound, RequestAborted, SequenceFailed
 from .events import (
     Event,
     GenerationCompleted,
@@ -45,41 +30,20 @@ from .events import (
     RuntimeStatus,
     TokenGenerated,
 )
-from .loading import (
-    LoadedModel,
-    build_model,
-    describe_model,
-    read_tokenizer,
-    resolve_model_path,
-    shorten,
-    weight_bytes,
-    weight_chunks,
-)
-from .models import ModelSource
+from .loading import LoadedModel
 from .observer import EngineObserver, RecordingObserver
+from .protocol import END, StepOutput
 from .requests import FinishReason, GenerationChunk, GenerationRequest, Usage
 from .sampling import make_logits_processors, make_sampler
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
 
-# Sent to a request's reader to end it.
-END = "end"
-
 # Steps with fewer tokens than this render them on the engine thread: a hand-off to the
 # rendering thread costs more than it saves.
 RENDER_THREAD_ROWS = 4
 # The finish reason events and metrics give a sequence the engine ended (unload, shutdown).
 ABORTED = "aborted"
-# A loading model's weights are read this many bytes per loop turn, between batch steps.
-LOAD_CHUNK_BYTES = 64 << 20
-# How long an otherwise idle engine waits for a command at a time while a load waits on its
-# thread (finding the model, reading its tokenizer).
-LOADING_POLL_SECONDS = 0.005
-# Returned by a command whose caller is answered later (see `_run_command`).
-DEFERRED = object()
-# How often an idle engine wakes to show the facade's watchdog it is alive.
-HEARTBEAT_SECONDS = 0.5
 # A model's batch steps failing this many times in a row, each with a fresh batch generator,
 # is the engine's failure, not a request's: the engine stops.
 MAX_STEP_FAILURES = 3
@@ -98,6 +62,8 @@ class Sequence:
     detokenizer: StreamingDetokenizer
     stop_matcher: StopMatcher | None
     eos: frozenset[int]
+    # Tokens whose text is not shown (special tokens, unless the request wants them).
+    hidden_ids: frozenset[int]
     # What the batch generator is given when the sequence joins it (see `_release`).
     generator_args: dict = field(default_factory=dict)
     cached_tokens: int = 0
@@ -108,26 +74,6 @@ class Sequence:
     last_token_time: float = 0.0
     completion_tokens: int = 0
     uid: int = -1
-
-
-@dataclass
-class Loading:
-    """A model being loaded without holding up the batches of the models already loaded: its
-    directory is found (or downloaded) and its tokenizer read on a thread, and its weights
-    are read a chunk per loop turn, between batch steps."""
-
-    call_id: int
-    model_id: str
-    source: ModelSource
-    started: float
-    # The thread's job in hand: the model's directory, then its tokenizer.
-    job: Future
-    path: Path | None = None
-    model: Any = None
-    config: dict = field(default_factory=dict)
-    chunks: list = field(default_factory=list)
-    total_bytes: int = 0
-    read_bytes: int = 0
 
 
 @dataclass
@@ -144,6 +90,8 @@ class ModelSlot:
     pending: tuple[list, float] | None = None
     # Batch steps failed in a row (see `_step_failed`).
     failures: int = 0
+    # The tokenizer's special tokens, kept out of the text unless a request asks for them.
+    special_ids: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.sequences) + len(self.waiting)
@@ -153,19 +101,14 @@ class ModelSlot:
 
 
 class Scheduler:
-    """The engine process's loop: take commands, step every model's batch, send the results."""
+    """Every loaded model's batch generator and the sequences it runs."""
 
-    def __init__(
-        self, config: EngineConfig, commands: Connection, results: Connection, heartbeat: Any
-    ):
+    def __init__(self, config: EngineConfig, stream: mx.Stream | None = None):
         self.config = config
         # Replaced by a RecordingObserver while the facade's observer records anything.
         self.observer = EngineObserver()
-        self._commands = commands
-        self._results = results
-        # When the loop last showed progress (time.monotonic, shared memory): the facade's
-        # watchdog reads it.
-        self._heartbeat = heartbeat
+        # Every batch runs on this stream (MLX streams belong to the thread that made them).
+        self.stream = stream or mx.new_stream(mx.default_device())
         self.slots: dict[str, ModelSlot] = {}
         self.sequences: dict[int, Sequence] = {}
         # Whether anyone subscribes to TokenGenerated: without, no per-token event is built.
@@ -173,187 +116,60 @@ class Scheduler:
         self.prefix_cache = LRUPromptCache(
             max_size=config.prefix_cache_entries, max_bytes=config.prefix_cache_bytes
         )
-        self.running = True
-        self.loading: list[Loading] = []
-        self.load_chunk_bytes = LOAD_CHUNK_BYTES
-        self._call_id: int | None = None
-        self._deliveries: list[tuple[int, Any]] = []
-        self._events_out: list[Event] = []
+        self._renderer = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-render")
+        self._deliveries: list[tuple] = []
+        self._events: list[Event] = []
         self._status = ""
         # Sequences whose sampler or logits processor raised during a step (see `guarded`).
         self._faults: list[tuple[Sequence, Exception]] = []
 
-    def _publish(self, event: Event) -> None:
-        """Sent to the facade with the step's other results (see `deliver`)."""
-        self._events_out.append(event)
+    @property
+    def idle(self) -> bool:
+        """No model has a sequence running or waiting."""
+        return not any(self.slots.values())
 
-    def run(self) -> None:
-        self._stream = mx.new_stream(mx.default_device())
-        self._renderer = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-render")
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-loader")
-        try:
-            with mx.stream(self._stream):
-                while self.running:
-                    self._take_commands()
-                    for slot in list(self.slots.values()):
-                        if slot:
-                            self._beat()
-                            self._step_guarded(slot)
-                    if self.loading:
-                        self._continue_loading()
-                    self._report_status()
-                    self.deliver()
-        except BaseException as exc:
-            log.exception("engine loop died")
-            self.deliver()  # what was already decided, such as events of admitted requests
-            self._reply("failed", f"engine loop died: {type(exc).__name__}")
-        finally:
-            for loading in self.loading:
-                stopped = ModelLoadFailed(f"the engine stopped before {loading.model_id!r} loaded")
-                self._send_result(loading.call_id, False, stopped)
-            self._renderer.shutdown()
-            self._loader.shutdown(wait=False, cancel_futures=True)
-            self._reply("stopped")
+    def publish(self, event: Event) -> None:
+        """Sent with the step's other results (see `take_output`)."""
+        self._events.append(event)
 
-    def _reply(self, *message: Any) -> None:
-        self._send_payload(pickle.dumps(message))
+    def step(self) -> StepOutput | None:
+        """One batch step of every model with work, then what it produced for the facade."""
+        for slot in list(self.slots.values()):
+            if slot:
+                self._step_guarded(slot)
+        self._report_status()
+        return self.take_output()
 
-    def _send_payload(self, payload: bytes) -> None:
-        """To the facade; once it has gone (it closed the pipe) there is no one left to tell."""
-        try:
-            self._results.send_bytes(payload)
-        except (BrokenPipeError, ConnectionResetError, EOFError):
-            self.running = False
+    def take_output(self) -> StepOutput | None:
+        """Every reader's chunks, the events and the observations since the last call."""
+        observations = self.observer.take() if isinstance(self.observer, RecordingObserver) else []
+        if not (self._deliveries or self._events or observations):
+            return None
+        deliveries, self._deliveries = self._deliveries, []
+        events, self._events = self._events, []
+        return StepOutput(deliveries, events, observations)
 
-    def stop(self) -> None:
-        self.running = False
+    def close(self) -> None:
+        self._renderer.shutdown()
 
     def _report_status(self) -> None:
         active = sum(len(slot) for slot in self.slots.values())
         status = "busy" if active else "ready"
         if status != self._status:
             self._status = status
-            self._publish(Event(RuntimeStatus(status, len(self.slots), active)))
+            self.publish(Event(RuntimeStatus(status, len(self.slots), active)))
 
-    def _beat(self) -> None:
-        self._heartbeat.value = time.monotonic()
+    def add_model(self, loaded: LoadedModel, load_seconds: float = 0.0) -> None:
+        """Serve `loaded` (from `loading.load_model`, or read a piece at a time by the worker)."""
+        special_ids = frozenset(loaded.tokenizer.all_special_ids)
+        slot = ModelSlot(loaded, self._generator(loaded), special_ids=special_ids)
+        self.slots[loaded.info.model_id] = slot
+        self.observer.models_loaded(len(self.slots))
+        self.publish(loaded_event(loaded, load_seconds))
 
-    def _take_commands(self) -> None:
-        self._beat()
-        if not any(self.slots.values()):
-            # Idle, unless loading: then look at the pipe between pieces of the load.
-            if self._commands.poll(self._idle_wait()):
-                self._run_command(self._commands.recv())
-                # Idle → busy: give concurrent arrivals a moment to join the first step.
-                time.sleep(self.config.coalesce_seconds)
-        while self.running and self._commands.poll():
-            self._beat()
-            self._run_command(self._commands.recv())
-
-    def _idle_wait(self) -> float:
-        """How long an idle loop may wait for a command: until its next heartbeat, unless a
-        model is loading; a moment if that load waits on its thread; not at all if it has
-        weights to read."""
-        if not self.loading:
-            return min(HEARTBEAT_SECONDS, self.config.wedge_timeout_seconds / 4)
-        head = self.loading[0]
-        waiting = head.path is None or (not head.chunks and not head.job.done())
-        return LOADING_POLL_SECONDS if waiting else 0.0
-
-    def _run_command(self, command: tuple[int | None, Callable, tuple]) -> None:
-        """`fn(self, *args)`; a caller that waits (a call id) gets the result or the error."""
-        call_id, fn, args = command
-        self._call_id = call_id
-        try:
-            ok, value = True, fn(self, *args)
-        except Exception as exc:
-            # Without its traceback: exc → traceback → this frame → exc is a cycle that keeps
-            # the command's arguments alive until the garbage collector's next full pass.
-            ok, value = False, exc.with_traceback(None)
-        if call_id is None:
-            if not ok:
-                log.error("engine command %s failed", getattr(fn, "__name__", fn), exc_info=value)
-            return
-        if ok and value is DEFERRED:
-            return
-        self._send_result(call_id, ok, value)
-
-    def _send_result(self, call_id: int, ok: bool, value: Any) -> None:
-        self.deliver()  # the command's events reach the facade before its result
-        try:
-            payload = pickle.dumps(("result", call_id, ok, value))
-        except Exception as exc:  # a result or third-party error that cannot cross processes
-            error = RuntimeError(f"{type(value).__name__}: {value}" if not ok else repr(exc))
-            payload = pickle.dumps(("result", call_id, False, error))
-        self._send_payload(payload)
-
-    def _send(self, sequence: Sequence, item: Any) -> None:
+    def _deliver(self, sequence: Sequence, item: Any) -> None:
         """`item`: a final GenerationChunk, an error, or END (see `_advance` for the others)."""
         self._deliveries.append((sequence.rid, item))
-
-    def deliver(self) -> None:
-        """One message to the facade per step: every reader's chunks, events, observations."""
-        observations = self.observer.take() if isinstance(self.observer, RecordingObserver) else []
-        if self._deliveries or self._events_out or observations:
-            deliveries, self._deliveries = self._deliveries, []
-            events, self._events_out = self._events_out, []
-            self._reply("step", deliveries, events, observations)
-
-    def load(self, source: ModelSource, model_id: str) -> Any:
-        """Start loading; the caller is answered `(info, path)` once the model is ready."""
-        job = self._loader.submit(resolve_model_path, source)
-        self.loading.append(Loading(self._call_id, model_id, source, time.perf_counter(), job))
-        return DEFERRED
-
-    def _continue_loading(self) -> None:
-        """One short piece of the oldest load: build the (lazy) model once its directory is
-        found, read one chunk of its weights, or finish once its tokenizer is read."""
-        loading = self.loading[0]
-        try:
-            if loading.path is None:
-                if not loading.job.done():
-                    return
-                loading.path = loading.job.result()
-                loading.model, loading.config = build_model(
-                    loading.path,
-                    fuse=self.config.fuse_projections,
-                    decode_kernel=self.config.decode_attention_kernel,
-                )
-                loading.chunks = weight_chunks(loading.model, self.load_chunk_bytes)
-                loading.total_bytes = weight_bytes(loading.model)
-                loading.job = self._loader.submit(read_tokenizer, loading.path, loading.config)
-                self._reply("loading", loading.model_id, 0, loading.total_bytes)
-            elif loading.chunks:
-                chunk = loading.chunks.pop(0)
-                mx.eval(chunk)
-                loading.read_bytes += sum(w.nbytes for w in chunk)
-                self._reply("loading", loading.model_id, loading.read_bytes, loading.total_bytes)
-            elif loading.job.done():
-                self._finish_loading(loading, loading.job.result())
-        except Exception as exc:
-            if self.loading and self.loading[0] is loading:
-                self.loading.pop(0)
-            if not isinstance(exc, (ModelLoadFailed, ModelSourceNotFound)):
-                exc = ModelLoadFailed(
-                    f"cannot load {describe_source(loading)}: {type(exc).__name__}: {exc}"
-                )
-            self._send_result(loading.call_id, False, exc.with_traceback(None))
-            mx.clear_cache()
-
-    def _finish_loading(self, loading: Loading, tokenizer) -> None:
-        loaded = LoadedModel(
-            model=loading.model,
-            tokenizer=tokenizer,
-            info=describe_model(
-                loading.model_id, loading.source, loading.model, tokenizer, loading.config
-            ),
-            path=loading.path,
-        )
-        self.loading.pop(0)
-        self.slots[loading.model_id] = ModelSlot(loaded=loaded, generator=self._generator(loaded))
-        self.observer.models_loaded(len(self.slots))
-        self._publish(loaded_event(loaded, time.perf_counter() - loading.started))
-        self._send_result(loading.call_id, True, (loaded.info, str(loaded.path)))
 
     def _generator(self, loaded: LoadedModel) -> BatchGenerator:
         return BatchGenerator(
@@ -362,20 +178,22 @@ class Scheduler:
             completion_batch_size=self.config.max_batch_size,
             prefill_batch_size=self.config.prefill_batch_size,
             prefill_step_size=self.config.prefill_step_size,
-            stream=self._stream,
+            stream=self.stream,
         )
 
     def unload(self, model_id: str) -> None:
-        slot = self.slots.pop(model_id)
+        """End the model's sequences (RequestAborted) and free it."""
+        if (slot := self.slots.pop(model_id, None)) is None:
+            raise ModelNotFound(model_id)
         for sequence in slot.held():
             self._end(slot, sequence, RequestAborted(f"model {model_id!r} was unloaded"))
         slot.generator.close()
         del slot
         mx.clear_cache()
         self.observer.models_loaded(len(self.slots))
-        self._publish(Event(ModelUnloaded(model_id, reason="requested"), model_id=model_id))
+        self.publish(Event(ModelUnloaded(model_id, reason="requested"), model_id=model_id))
 
-    def admit(self, admission: Admission, rid: int, internal: bool) -> None:
+    def admit(self, admission: Admission, rid: int, internal: bool = False) -> None:
         """Queue a request the facade has checked; whatever goes wrong is told to its reader
         (the facade does not wait for an answer)."""
         try:
@@ -405,6 +223,7 @@ class Scheduler:
             detokenizer=StreamingDetokenizer(tokenizer),
             stop_matcher=StopMatcher(request.stop, request.include_stop) if request.stop else None,
             eos=eos,
+            hidden_ids=frozenset() if request.include_special_tokens else slot.special_ids,
             cached_tokens=cached,
         )
         stop_ids = sorted(eos | set(request.stop_token_ids))
@@ -423,7 +242,7 @@ class Scheduler:
         self.sequences[rid] = sequence
         if not internal:
             self.observer.request_queued(request.model_id)
-            self._publish(
+            self.publish(
                 Event(
                     GenerationStarted(
                         model=request.model_id,
@@ -607,14 +426,14 @@ class Scheduler:
         if not sequence.internal:
             self._remember_prefix(sequence.request.model_id, tokens, cache)
         usage = make_usage(sequence, now)
-        self._send(sequence, GenerationChunk(text, ids, finish, usage, matched))
+        self._deliver(sequence, GenerationChunk(text, ids, finish, usage, matched))
         self._end(slot, sequence, END, finish, usage)
 
     def _publish_token(self, sequence: Sequence, response: Any, text: str, last: bool) -> None:
         """Only runs while someone subscribes to TokenGenerated: it costs a device sync."""
         request = sequence.request
         logprob = response.logprobs[response.token].item()
-        self._publish(
+        self.publish(
             Event(
                 TokenGenerated(
                     request.model_id, text, response.token, logprob, False, request.metadata
@@ -627,7 +446,7 @@ class Scheduler:
             end = TokenGenerated(
                 request.model_id, "", end_of_sequence=True, metadata=request.metadata
             )
-            self._publish(Event(end, model_id=request.model_id, request_id=request.request_id))
+            self.publish(Event(end, model_id=request.model_id, request_id=request.request_id))
 
     def _mark_started(self, sequence: Sequence, now: float) -> None:
         sequence.started, sequence.start_time = True, now
@@ -675,9 +494,9 @@ class Scheduler:
         if isinstance(final, RequestAborted):
             # As the contract says: a last message with the reason and the usage so far, then
             # the error status (UNAVAILABLE), so callers know to retry elsewhere.
-            self._send(sequence, GenerationChunk("", (), FinishReason.CANCELLED, usage))
+            self._deliver(sequence, GenerationChunk("", (), FinishReason.CANCELLED, usage))
         if final is not None:
-            self._send(sequence, final)
+            self._deliver(sequence, final)
         if sequence.internal:
             return
         reason = ABORTED if isinstance(final, Exception) else finish.value
@@ -690,7 +509,7 @@ class Scheduler:
             usage.total_time,
             sequence.started,
         )
-        self._publish(
+        self.publish(
             Event(
                 GenerationCompleted(
                     model=sequence.request.model_id,
@@ -772,8 +591,11 @@ def render(tokenizer, sequence: Sequence, response: Any) -> tuple:
     stopped_by_token = response.finish_reason == "stop"
     if stopped_by_token and finish is FinishReason.STOP_SEQUENCE:
         matched = tokenizer.decode([response.token])
+    ids: tuple[int, ...]
     if stopped_by_token and not (matched and sequence.request.include_stop):
         text, ids = "", ()
+    elif response.token in sequence.hidden_ids:
+        text, ids = "", (response.token,)
     else:
         text, ids = sequence.detokenizer.add_token(response.token), (response.token,)
     if finish is not None:
@@ -836,56 +658,4 @@ def loaded_event(loaded: LoadedModel, seconds: float) -> Event:
             metadata=tuple(details.items()),
         ),
         model_id=info.model_id,
-    )
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def describe_source(loading: Loading) -> str:
-    """The source a load was given, short enough for a message (a path may be 4 KiB)."""
-    return repr(shorten(str(loading.path or loading.source.local_path or loading.source.repo_id)))
-
-
-def run_engine_process(
-    config: EngineConfig, commands: Connection, results: Connection, heartbeat: Any, log_level: int
-) -> None:
-    """The engine process's main: log as the server does, then run until told to stop.
-
-    Signals are the server's to handle: a Ctrl-C or a SIGTERM sent to the whole process group
-    must start a graceful shutdown, not kill the engine under the streams it should finish. The
-    engine still ends with the server: its command pipe closes when the server exits.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
-    log.info("MLX %s on %s", mx.__version__, mx.default_device())
-    if conflict := backend_conflict(installed_mlx_backends()):
-        log.warning(conflict)
-    Scheduler(config, commands, results, heartbeat).run()
-
-
-MLX_BACKENDS = ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal")
-
-
-def installed_mlx_backends() -> list[str]:
-    backends = []
-    for name in MLX_BACKENDS:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            importlib.metadata.distribution(name)
-            backends.append(name)
-    return backends
-
-
-def backend_conflict(backends: list[str]) -> str | None:
-    """MLX's backend packages all ship mlx/lib/libmlx.so: with two installed, the one installed
-    last runs, whichever that was, and removing either breaks the other."""
-    if len(backends) < 2:
-        return None
-    keep = next((name for name in backends if name.startswith("mlx-cuda")), backends[-1])
-    others = " ".join(name for name in backends if name != keep)
-    return (
-        f"MLX backends {', '.join(backends)} are installed side by side and overwrite each "
-        f"other's library; keep one: pip uninstall -y {others} {keep} && "
-        f"pip install {keep}=={mx.__version__}"
     )

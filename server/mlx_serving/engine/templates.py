@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 
 from .errors import FieldViolation, InvalidRequest
@@ -56,28 +57,31 @@ class TemplateRenderer:
 class RenderWorker:
     """One render process and its pipe; `run` is called on a thread, by one caller at a time."""
 
-    def __init__(self):
-        self._process = None
+    def __init__(self) -> None:
+        # Both set by _start, both cleared by stop.
+        self._process: SpawnProcess | None = None
         self._conn: Connection | None = None
 
     def run(self, job: tuple, timeout: float) -> tuple[bool, str]:
         if self._process is None or not self._process.is_alive():
             self._start()
+        conn = self._conn
+        assert conn is not None, "a render worker's process runs without its pipe"
         try:
-            self._conn.send(job)
+            conn.send(job)
             # First the worker says it holds the tokenizer, then it renders against the clock.
-            if not self._conn.poll(PREPARE_SECONDS):
+            if not conn.poll(PREPARE_SECONDS):
                 raise TimeoutError
-            ready, message = self._conn.recv()
+            ready, message = conn.recv()
             if not ready:
                 return False, message
             started = time.monotonic()
-            if not self._conn.poll(timeout):
+            if not conn.poll(timeout):
                 log.warning("a chat template ran past %g s; its worker was killed", timeout)
                 self.stop()
                 return False, f"the model's chat template ran for more than {timeout:g} s"
             log.debug("rendered a chat in %.1f ms", (time.monotonic() - started) * 1e3)
-            return self._conn.recv()
+            return conn.recv()
         except (EOFError, OSError, TimeoutError):
             self.stop()
             return False, "the chat template's worker process failed"
@@ -95,7 +99,8 @@ class RenderWorker:
         if self._process is not None:
             self._process.kill()
             self._process.join()
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
             self._process = self._conn = None
 
 

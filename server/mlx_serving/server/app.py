@@ -7,6 +7,7 @@ shutdown) or a graceful shutdown begins.
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 import grpc
@@ -110,8 +111,9 @@ class ServingApp:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        self.servicers = {servicer: servicer(engine) for _, servicer, _ in SERVICES}
         for _, servicer, add_to_server in SERVICES:
-            add_to_server(servicer(engine), self.server)
+            add_to_server(self.servicers[servicer], self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.reflected_services = enable_reflection(
             self.server, (*SERVICE_NAMES, health.SERVICE_NAME)
@@ -132,7 +134,7 @@ class ServingApp:
     @property
     def metrics_address(self) -> str:
         """HOST:PORT serving /metrics once started; "" when metrics are off."""
-        if self.metrics_port is None:
+        if self.telemetry is None or self.metrics_port is None:
             return ""
         return host_port(self.telemetry.prometheus_host, self.metrics_port)
 
@@ -148,12 +150,14 @@ class ServingApp:
         await self.engine.start()
         await self.server.start()
         for model_id, source in models:
+            started = time.monotonic()
             info = await self.engine.load_model(source, model_id)
-            log.info("loaded model %s from %s", info.model_id, source.local_path or source.repo_id)
+            seconds = time.monotonic() - started
+            where = ModelService.source_text(source)
+            log.info("loaded model %s from %s in %.1f s", info.model_id, where, seconds)
         await self.engine.warm_up()
         await self._set_health(SERVING)
         self._watcher = asyncio.create_task(self._watch_engine(), name="mlx-serving-engine-watch")
-        log.info("serving on %s", self.address)
         return self.port
 
     async def stop(self, grace: float) -> None:

@@ -4,21 +4,33 @@ shows the configuration it would run with, and `mlx-serving config check FILE` c
 The configuration (docs/CONFIG.md) is the defaults, then the file of --config (or of
 $MLX_SERVING_CONFIG), then MLX_SERVING_* variables, then flags. The host defaults to 127.0.0.1:
 the server has no authentication, so listening on every interface (`--host 0.0.0.0`) must be
-asked for. Exit status: 0 after a graceful shutdown, 1 if startup failed or the engine
-died, 2 for bad arguments or a bad configuration.
+asked for.
+
+`--model ORG/NAME[@REV]` is a Hugging Face repository, as mlx-lm reads it, when no such local
+path exists; `hf:ORG/NAME[@REV]` always is one. Either resolves through the Hugging Face cache
+first, so a downloaded model is served offline.
+
+The first SIGTERM or SIGINT (Ctrl-C) drains: generations in flight get the shutdown grace to
+finish. A second one during the drain ends the process at once, its engine and streams with it.
+
+Exit status: 0 after a graceful shutdown, 1 if startup failed or the engine died, 2 for bad
+arguments or a bad configuration, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)
+when a second signal forced the exit, as shells report a process killed by that signal.
 """
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import protovalidate
 
@@ -47,9 +59,12 @@ from .telemetry import make_telemetry
 
 log = logging.getLogger("mlx_serving.server")
 
+DISTRIBUTION = "mlx-serving"
 HF_PREFIX = "hf:"
 # What may stand before "=" in ID=SOURCE; LoadModelRequest's own rule then checks it fully.
 MODEL_ID_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+# ORG/NAME[@REVISION], as mlx-lm users type a model; the name parts follow HuggingFaceRepo's rule.
+REPO_ID_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@\S+)?$")
 
 # (flag, config key it overrides, help)
 OVERRIDES = (
@@ -69,17 +84,23 @@ TELEMETRY_SWITCH = ("--telemetry", "telemetry.enabled", "turn metrics and traces
 
 
 def parse_model_spec(spec: str) -> tuple[str, ModelSource]:
-    """`PATH`, `ID=PATH`, `hf:ORG/NAME[@REV]` or `ID=hf:ORG/NAME[@REV]` → (model id or "", source).
+    """`[ID=]PATH`, `[ID=]ORG/NAME[@REV]` or `[ID=]hf:ORG/NAME[@REV]` → (model id or "", source).
 
-    Checked with the same contract rules as a LoadModel request.
+    An existing path is a local model; else ORG/NAME is a Hugging Face repository, so that what
+    mlx-lm users type works as is. Checked with the same contract rules as a LoadModel request.
     """
     model_id, _, rest = spec.partition("=")
     if not rest or not MODEL_ID_PREFIX.match(model_id):
         model_id, rest = "", spec  # a path that happens to contain "="
     if rest.startswith(HF_PREFIX):
-        repo_id, _, revision = rest.removeprefix(HF_PREFIX).partition("@")
-        repo = model_pb.HuggingFaceRepo(repo_id=repo_id, revision=revision)
-        source = model_pb.ModelSource(hugging_face=repo)
+        source = hugging_face_source(rest.removeprefix(HF_PREFIX))
+    elif rest and not path_exists(rest) and REPO_ID_SHAPE.match(rest):
+        source = hugging_face_source(rest)
+    elif rest and not path_exists(rest):
+        raise argparse.ArgumentTypeError(
+            f"bad --model {spec!r}: {rest!r} is no existing path, nor a Hugging Face repository "
+            "id (ORG/NAME[@REV])"
+        )
     else:
         source = model_pb.ModelSource(local_path=rest)
     request = model_pb.LoadModelRequest(model_id=model_id, source=source)
@@ -87,6 +108,22 @@ def parse_model_spec(spec: str) -> tuple[str, ModelSource]:
         problems = "; ".join(f"{field}: {text}" for field, text in map(describe, violations))
         raise argparse.ArgumentTypeError(f"bad --model {spec!r}: {problems}")
     return model_id, convert.model_source(source)
+
+
+def hugging_face_source(repo: str) -> model_pb.ModelSource:
+    """`ORG/NAME[@REV]` as a ModelSource (the revision may itself hold "/": refs/pr/1)."""
+    repo_id, _, revision = repo.partition("@")
+    return model_pb.ModelSource(
+        hugging_face=model_pb.HuggingFaceRepo(repo_id=repo_id, revision=revision)
+    )
+
+
+def path_exists(text: str) -> bool:
+    """Whether `text` names something on disk; a name the system refuses is no path."""
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):  # too long, a NUL byte
+        return False
 
 
 def model_entry(model_id: str, source: ModelSource) -> dict:
@@ -168,16 +205,32 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=parse_model_spec,
         default=[],
-        metavar="[ID=]PATH|[ID=]hf:ORG/NAME[@REV]",
-        help="a model to load at startup (repeatable; replaces the configured models); "
-        "none anywhere loads the built-in tiny test model",
+        metavar="[ID=]PATH|[ID=][hf:]ORG/NAME[@REV]",
+        help="a model to load at startup (repeatable; replaces the configured models): a local "
+        "directory, or else a Hugging Face repository (cache first, then a download); none "
+        "anywhere loads the built-in tiny test model",
     )
+
+
+def installed_version() -> str:
+    """The version pip installed, so that a bug report can name it."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-serving", description="Serve MLX models over gRPC.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the gRPC server until SIGTERM or SIGINT (Ctrl-C), which drain: "
+        "generations in flight get the shutdown grace to finish. A second signal during the "
+        "drain exits at once with status 128 + its number (130 for SIGINT, 143 for SIGTERM).",
+    )
     add_config_flags(serve)
     serve.set_defaults(run=run_serve)
     config = commands.add_parser("config", help="print or check the configuration")
@@ -232,7 +285,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def default_models() -> list[tuple[str, ModelSource]]:
     """The tiny random-weight model, built into the cache on first use (a few seconds)."""
-    from mlx_serving.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+    from mlx_serving.server.default_model import DEFAULT_MODEL_NAME, default_model_path
 
     return [(DEFAULT_MODEL_NAME, ModelSource(local_path=str(default_model_path())))]
 
@@ -253,6 +306,8 @@ def make_app(config: config_pb.Config) -> ServingApp:
 # The engine's reader thread and the event loop share the GIL. At Python's default 5 ms switch
 # interval a batch step's results would wait up to that long for the loop to let go of it.
 GIL_SWITCH_INTERVAL_SECONDS = 0.0005
+# How long a forced exit waits for each killed child process to be gone (SIGKILL: a moment).
+FORCED_EXIT_JOIN_SECONDS = 1.0
 
 
 async def serve(config: config_pb.Config) -> int:
@@ -260,25 +315,98 @@ async def serve(config: config_pb.Config) -> int:
     app = make_app(config)
     engine = app.engine
     models = preload_models(config) or default_models()
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
+    signals = StopSignals(engine)
+    signals.install()
     try:
-        if not await first_of(app.start(models), stop_requested.wait()):
+        if not await first_of(app.start(models), signals.requested.wait()):
             await app.stop(0)
             return 0
     except (EngineError, RuntimeError) as exc:  # a model that fails to load, a port in use
         log.error("startup failed: %s", exc)
         await app.stop(0)
         return 1
-    print(f"mlx-serving listening on {app.address}", flush=True)
+    print(f"mlx-serving listening on {app.address}: {serving_summary(app, config)}", flush=True)
     if app.metrics_address:
         print(f"mlx-serving metrics on http://{app.metrics_address}/metrics", flush=True)
-    requested = await first_of(stop_requested.wait(), engine.wait_stopped())
-    log.info("shutting down" if requested else "the engine stopped; shutting down")
-    await app.stop(config.server.shutdown_grace_seconds)
+    requested = await first_of(signals.requested.wait(), engine.wait_stopped())
+    signals.stopping = True
+    grace = config.server.shutdown_grace_seconds
+    if requested:
+        log.info("shutting down: %s", drain_plan(engine.active_requests(), grace))
+    else:
+        log.info("the engine stopped; shutting down")
+    await app.stop(grace)
     return 0 if requested else 1
+
+
+def serving_summary(app: ServingApp, config: config_pb.Config) -> str:
+    """What is served, where it runs and how it batches: the rest of the startup line, after
+    the address (`mlx-serving listening on HOST:PORT: ...`)."""
+    model_ids = ", ".join(info.model_id for info in app.engine.list_models())
+    settings = config.engine
+    return (
+        f"serving {model_ids} on {mlx_device()}: max batch size {settings.max_batch_size}, "
+        f"prefill batch size {settings.prefill_batch_size}, "
+        f"max queued requests {settings.max_queued_requests}"
+    )
+
+
+def mlx_device() -> str:
+    """MLX's default device: "cpu", "gpu (Metal)" or "gpu (CUDA)". Asked here, in the server
+    process: the engine process, on the same machine and library, picks the same one, and its
+    facade does not report it."""
+    import mlx.core as mx
+
+    kind = mx.default_device().type.name
+    if kind != "gpu":
+        return kind
+    if mx.metal.is_available():
+        return "gpu (Metal)"
+    return "gpu (CUDA)" if mx.cuda.is_available() else "gpu"
+
+
+def drain_plan(streams: int, grace: float) -> str:
+    """What the shutdown waits for, and how not to wait: said once, when the drain begins."""
+    if not streams:
+        return "no generation in flight"
+    return f"draining {streams} generation(s), up to {grace:g} s; Ctrl-C again to force"
+
+
+class StopSignals:
+    """SIGTERM and SIGINT. The first asks for a graceful stop; one more, once a stop was asked
+    for or has begun, means the sender will not wait for it: the process exits at once."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.requested = asyncio.Event()
+        # The shutdown has begun, asked for or not (the engine may have died).
+        self.stopping = False
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.received, signum)
+
+    def received(self, signum: int) -> None:
+        if self.requested.is_set() or self.stopping:
+            force_exit(signum, self.engine.active_requests())
+        self.requested.set()
+
+
+def force_exit(signum: int, streams: int) -> NoReturn:
+    """Exit now with 128 + `signum`, as a shell reports a process that signal killed.
+
+    The engine and chat-template processes are killed first, not left behind; streams in flight
+    break off (their clients see UNAVAILABLE), spans not yet exported are lost.
+    """
+    name = signal.Signals(signum).name
+    log.warning("%s during the shutdown: exiting now, cutting off %d generation(s)", name, streams)
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(FORCED_EXIT_JOIN_SECONDS)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 async def first_of(main, other) -> bool:

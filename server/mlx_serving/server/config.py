@@ -8,13 +8,13 @@ at once in one `ConfigError`.
 """
 
 import json
-import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import protovalidate
+import tomli_w
 import yaml
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -36,7 +36,7 @@ from .telemetry import (
 ENV_PREFIX = "MLX_SERVING_"
 # The config file's path when no --config flag is given; not a config key.
 CONFIG_ENV = "MLX_SERVING_CONFIG"
-# Read by the built-in model's cache (engine/default_model.py); not a config key.
+# Read by the built-in model's cache (server/default_model.py); not a config key.
 CACHE_ENV = "MLX_SERVING_CACHE"
 
 DEFAULT_LOG_LEVEL = "info"
@@ -245,6 +245,8 @@ def parsed(field: FieldDescriptor, text: str) -> Any:
 # ---- checking the data against the schema ------------------------------------------------
 
 
+# Not json_format.ParseDict: it stops at the first error; this reports every misfit at once,
+# naming its key path and, for an unknown key, the allowed keys.
 def checked(data: Any, descriptor: Descriptor, path: str, problems: list[Problem]) -> dict:
     """The keys and values of `data` that fit `descriptor`; each misfit becomes a problem."""
     if not isinstance(data, Mapping):
@@ -344,6 +346,8 @@ def merge(*layers: Mapping) -> dict:
     return merged
 
 
+# Not json_format.ParseDict: it refuses a float NaN or infinity, which must reach the range
+# rules to be reported under its key.
 def build(message: Message, data: Mapping) -> Message:
     """`message` with checked data set into it; a table given, even empty, is present."""
     for key, value in data.items():
@@ -359,9 +363,11 @@ def build(message: Message, data: Mapping) -> Message:
     return message
 
 
+# Not json_format.MessageToDict: it writes a 64-bit integer as a string ("2147483648"), which
+# the strict reader refuses for an integer key, so a printed config would not load back.
 def to_dict(message: Message) -> dict:
     """The fields set in `message`, as plain data in the shape of a config file."""
-    data = {}
+    data: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
         if field.is_repeated:
@@ -380,38 +386,18 @@ def render(config: config_pb.Config, form: str) -> str:
     if form == "json":
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if form == "toml":
-        return toml_document(data)
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        return tomli_w.dumps(data)
+    return yaml.dump(data, Dumper=PrintDumper, sort_keys=False, allow_unicode=True)
 
 
-def toml_document(data: Mapping) -> str:
-    """TOML for a config's shape: top-level values, sections, then [[models]] entries."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not is_table(v)]
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            lines += ["", f"[{key}]", *(f"{k} = {toml_value(v)}" for k, v in value.items())]
-        elif is_table(value):
-            for item in value:
-                lines += ["", f"[[{key}]]", *(f"{k} = {toml_value(v)}" for k, v in item.items())]
-    return "\n".join(lines).lstrip("\n") + "\n"
+class PrintDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, double-quoting (escaping) a string with a Unicode line break: in a
+    style of PyYAML's choosing, a lone U+0085 reads back as a space."""
 
 
-def is_table(value: Any) -> bool:
-    """A section, or a non-empty list of tables (written as [[key]] entries)."""
-    if isinstance(value, list):
-        return bool(value) and all(isinstance(item, Mapping) for item in value)
-    return isinstance(value, Mapping)
+def represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = '"' if any(ch in text for ch in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return "[" + ", ".join(toml_value(item) for item in value) + "]"
+PrintDumper.add_representer(str, represent_str)

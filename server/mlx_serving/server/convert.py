@@ -6,6 +6,7 @@ Unset optional fields are left out of the engine's dataclasses, so the engine's 
 
 import dataclasses
 import math
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -94,7 +95,9 @@ def duration(seconds: float) -> duration_pb2.Duration:
 
 def generation_request(request: generate_pb.GenerateRequest, request_id: str) -> GenerationRequest:
     prompt = request.WhichOneof("prompt")
-    options = {"max_tokens": request.max_tokens} if request.HasField("max_tokens") else {}
+    options: dict[str, Any] = {}
+    if request.HasField("max_tokens"):
+        options["max_tokens"] = request.max_tokens
     if prompt == "chat" and request.chat.HasField("add_generation_prompt"):
         options["add_generation_prompt"] = request.chat.add_generation_prompt
     return GenerationRequest(
@@ -107,6 +110,7 @@ def generation_request(request: generate_pb.GenerateRequest, request_id: str) ->
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
         include_stop=request.include_stop,
+        include_special_tokens=request.include_special_tokens,
         request_id=request_id,
         metadata=tuple(sorted(request.metadata.items())),
         **options,
@@ -206,7 +210,7 @@ def event_pb(event: events.Event) -> events_pb.Event:
     )
 
 
-def event_payload_pb(payload: events.Payload) -> tuple[str, object]:
+def event_payload_pb(payload: events.Payload) -> tuple[str, Any]:
     """(the Event oneof field, its message) for one engine event payload."""
     metadata = dict(payload.metadata)
     match payload:
@@ -247,7 +251,7 @@ def event_payload_pb(payload: events.Payload) -> tuple[str, object]:
 
 
 def generation_started_pb(payload: events.GenerationStarted) -> events_pb.GenerationStarted:
-    prompt: dict[str, object] = {}
+    prompt: dict[str, Any] = {}
     if payload.text is not None:
         prompt["text"] = payload.text
     elif payload.messages is not None:

@@ -131,7 +131,8 @@ def log_internal(method: str, request_id: str) -> grpc.Status:
 def describe(violation: protovalidate.Violation) -> tuple[str, str]:
     """(field path, rule message) of a protovalidate violation."""
     rule = violation.proto
-    return field_path(rule.field.elements), rule.message or rule.rule_id
+    elements = rule.field.elements if rule.field is not None else ()  # a message-level rule
+    return field_path(elements), rule.message or rule.rule_id
 
 
 def field_path(elements) -> str:

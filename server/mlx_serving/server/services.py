@@ -5,11 +5,16 @@ Streams are written with `context.write` from coroutines, so a client cancel or 
 deadline lands inside the handler, where `finally` closes the engine's stream at once.
 """
 
+import asyncio
 import logging
+import time
+from collections import OrderedDict
 
 import protovalidate
 
 from mlx_serving.engine.engine import Engine
+from mlx_serving.engine.events import Event
+from mlx_serving.engine.models import ModelSource
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import events_service_pb2_grpc as events_grpc
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
@@ -24,19 +29,55 @@ from .interceptor import current_request_id, describe
 
 log = logging.getLogger(__name__)
 
+# Events whose encoding is kept for the subscribers still to send them.
+ENCODED_EVENTS = 4096
+
 
 class ModelService(model_grpc.ModelServiceServicer):
+    """Loads and unloads are logged, one line each: what the server holds changes only here (and
+    at startup), and an operator reading the log must be able to tell when and why."""
+
     def __init__(self, engine: Engine):
         self._engine = engine
 
     async def LoadModel(self, request: model_pb.LoadModelRequest, context):
         source = convert.model_source(request.source)
-        info = await self._engine.load_model(source, request.model_id)
+        model_id = request.model_id or source.default_model_id()
+        where = self.source_text(source)
+        started = time.monotonic()
+        try:
+            info = await self._engine.load_model(source, request.model_id)
+        except asyncio.CancelledError:
+            # The engine does not stop a load its caller gave up on: the model appears later.
+            log.info("LoadModel %s from %s: the caller left; loading goes on", model_id, where)
+            raise
+        except Exception as exc:
+            seconds = time.monotonic() - started
+            log.warning(
+                "LoadModel %s from %s failed after %.1f s: %s", model_id, where, seconds, exc
+            )
+            raise
+        seconds = time.monotonic() - started
+        log.info("loaded model %s from %s in %.1f s", info.model_id, where, seconds)
         return model_pb.LoadModelResponse(model=convert.model_pb_from_info(info))
 
     async def UnloadModel(self, request: model_pb.UnloadModelRequest, context):
-        await self._engine.unload_model(request.model_id)
+        started = time.monotonic()
+        try:
+            await self._engine.unload_model(request.model_id)
+        except Exception as exc:
+            log.warning("UnloadModel %s failed: %s", request.model_id, exc)
+            raise
+        seconds = time.monotonic() - started
+        log.info("unloaded model %s in %.1f s", request.model_id, seconds)
         return model_pb.UnloadModelResponse()
+
+    @staticmethod
+    def source_text(source: ModelSource) -> str:
+        """A local path as is, a repository as `--model` spells it: hf:ORG/NAME[@REV]."""
+        if source.local_path:
+            return source.local_path
+        return f"hf:{source.repo_id}" + (f"@{source.revision}" if source.revision else "")
 
     async def ListModels(self, request: model_pb.ListModelsRequest, context):
         models = [convert.model_pb_from_info(info) for info in self._engine.list_models()]
@@ -83,14 +124,26 @@ class TokenizeService(tokenize_grpc.TokenizeServiceServicer):
 
 
 class EventsService(events_grpc.EventsServiceServicer):
-    """Encodes and validates each engine event once, before the bus fans it out."""
+    """Streams engine events, each encoded and validated once whatever the subscribers."""
 
     def __init__(self, engine: Engine):
         self._engine = engine
         self.invalid_events = 0
-        engine.events.prepare = self._encode
+        # The messages of the latest events by id(event), each with its event (which keeps the
+        # id from being reused): every subscriber of an event gets the one message.
+        self._encoded: OrderedDict[int, tuple[Event, events_pb.Event | None]] = OrderedDict()
 
-    def _encode(self, event) -> events_pb.Event | None:
+    def _encode(self, event: Event) -> events_pb.Event | None:
+        cached = self._encoded.get(id(event))
+        if cached is not None and cached[0] is event:
+            return cached[1]
+        message = self._validated(event)
+        self._encoded[id(event)] = (event, message)
+        if len(self._encoded) > ENCODED_EVENTS:
+            self._encoded.popitem(last=False)
+        return message
+
+    def _validated(self, event: Event) -> events_pb.Event | None:
         """An event breaking the contract's rules is a bug: logged, counted, never sent."""
         message = convert.event_pb(event)
         if violations := protovalidate.collect_violations(message):
@@ -105,7 +158,9 @@ class EventsService(events_grpc.EventsServiceServicer):
         events = self._engine.subscribe(kinds, model_ids)
         try:
             async for event in events:
-                response = events_pb.SubscribeResponse(event=event, dropped_events=events.dropped)
+                if (message := self._encode(event)) is None:
+                    continue
+                response = events_pb.SubscribeResponse(event=message, dropped_events=events.dropped)
                 await context.write(response)
         finally:
             await events.aclose()

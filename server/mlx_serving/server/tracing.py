@@ -20,6 +20,7 @@ from opentelemetry.instrumentation.grpc._aio_server import OpenTelemetryAioServe
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.util.types import AttributeValue
 
 from mlx_serving.engine.requests import FinishReason, Usage
 
@@ -65,9 +66,9 @@ def make_tracer_provider(
         # Imported here: the OTLP exporter pulls in its own protobuf modules.
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=otlp_endpoint)
+        otlp = OTLPSpanExporter(endpoint=otlp_endpoint)
         provider.add_span_processor(
-            BatchSpanProcessor(exporter, schedule_delay_millis=export_interval_ms)
+            BatchSpanProcessor(otlp, schedule_delay_millis=export_interval_ms)
         )
     for exporter in exporters:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -154,15 +155,15 @@ def record_generation(
     admitted = end - seconds_ns(usage.total_time)
     started = min(admitted + seconds_ns(usage.queue_time), end)
     first_token = min(max(admitted + seconds_ns(usage.time_to_first_token), started), end)
-    model = {"gen_ai.request.model": model_id}
+    model: dict[str, AttributeValue] = {"gen_ai.request.model": model_id}
     if request_id:
         model["gen_ai.response.id"] = request_id
-    prefill = {
+    prefill: dict[str, AttributeValue] = {
         **model,
         "gen_ai.usage.input_tokens": usage.prompt_tokens,
         "gen_ai.usage.cache_read.input_tokens": usage.cached_prompt_tokens,
     }
-    decode = {
+    decode: dict[str, AttributeValue] = {
         **model,
         "gen_ai.usage.output_tokens": usage.completion_tokens,
         "gen_ai.response.finish_reasons": (finish_reason.value if finish_reason else "",),

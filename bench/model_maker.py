@@ -1,12 +1,9 @@
-"""Build a random-weight Llama model of a chosen shape, for benchmarks.
-
-Usage: python scripts/make_bench_model.py [--preset small] [--set KEY=VALUE ...] [OUT_DIR]
+"""Random-weight Llama models of chosen shapes, so benchmarks need no download.
 
 The tokenizer (and its special tokens) is the embedded test model's; only the weights and
-config.json change. A vocabulary larger than the tokenizer's 2048 ids costs the same compute
-as a real one, and the rows of ids the tokenizer does not know are zeroed in the output
-projection, so greedy decoding stays on printable tokens and every streamed token has text.
-Without OUT_DIR the model is built once into the shared cache and its path printed.
+config.json change. A vocabulary larger than the tokenizer's ids costs the same compute as a
+real one, and the rows of ids the tokenizer does not know are zeroed in the output projection,
+so greedy decoding stays on printable tokens and every streamed token has text.
 """
 
 from __future__ import annotations
@@ -14,22 +11,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
-import sys
 import tempfile
 import zlib
 from pathlib import Path
 
-import mlx.core as mx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-
-from mlx_serving.engine.default_model import (  # noqa: E402
-    _cache_root,
-    default_model_path,
-    llama_param_shapes,
-    make_default_model,
-)
+from mlx_serving.server.default_model import default_model_path, make_default_model
 
 RECIPE_VERSION = "1"
 SEED = 0
@@ -80,7 +68,31 @@ PRESETS: dict[str, dict | None] = {
     },
 }
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    """Every subcommand's choice of model: a directory, or a preset built on first use."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="a model directory (Hugging Face layout)")
+    source.add_argument("--model-preset", choices=sorted(PRESETS), default=default_preset)
+
+
+def chosen_model_path(args: argparse.Namespace) -> Path:
+    return args.model or bench_model_path(args.model_preset)
+
+
+def bench_model_path(
+    preset: str, overrides: dict | None = None, cache_dir: Path | None = None
+) -> Path:
+    """The cached build of a preset, built on first use, beside the embedded test model."""
+    tiny = default_model_path(cache_dir)
+    if PRESETS[preset] is None and not overrides:
+        return tiny
+    recipe = [RECIPE_VERSION, SEED, preset, PRESETS[preset], sorted((overrides or {}).items())]
+    digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:10]
+    path = tiny.parent / f"bench-{preset}-{digest}"
+    if (path / "model.safetensors").is_file():
+        return path
+    return make_bench_model(path, preset, overrides)
 
 
 def make_bench_model(out: Path, preset: str = "small", overrides: dict | None = None) -> Path:
@@ -94,7 +106,7 @@ def make_bench_model(out: Path, preset: str = "small", overrides: dict | None = 
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staged.chmod(0o755)
     try:
-        _write_model(staged, {**PRESETS[preset], **(overrides or {})})
+        write_model(staged, {**PRESETS[preset], **(overrides or {})})
         shutil.rmtree(out, ignore_errors=True)
         staged.rename(out)
     finally:
@@ -102,32 +114,9 @@ def make_bench_model(out: Path, preset: str = "small", overrides: dict | None = 
     return out
 
 
-def bench_model_path(
-    preset: str, overrides: dict | None = None, cache_dir: Path | None = None
-) -> Path:
-    """The cached build of a preset, built on first use."""
-    if PRESETS[preset] is None and not overrides:
-        return default_model_path(cache_dir)
-    recipe = [RECIPE_VERSION, SEED, preset, PRESETS[preset], sorted((overrides or {}).items())]
-    digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:10]
-    path = _cache_root(cache_dir) / f"bench-{preset}-{digest}"
-    if (path / "model.safetensors").is_file():
-        return path
-    return make_bench_model(path, preset, overrides)
+def write_model(out: Path, shape: dict) -> None:
+    import mlx.core as mx
 
-
-def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
-    """The benchmarks' choice of model: a directory, or a preset built on first use."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path, help="a model directory (Hugging Face layout)")
-    source.add_argument("--model-preset", choices=sorted(PRESETS), default=default_preset)
-
-
-def chosen_model_path(args: argparse.Namespace) -> Path:
-    return args.model or bench_model_path(args.model_preset)
-
-
-def _write_model(out: Path, shape: dict) -> None:
     source = default_model_path()
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, out / name)
@@ -136,25 +125,35 @@ def _write_model(out: Path, shape: dict) -> None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config[key] = tokenizer_config[key]
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    known = tokenizer_config["vocab_size"]
-    special = _special_token_ids(out / "tokenizer.json")
-    weights = _init_weights(config, known, special)
+    special = special_token_ids(out / "tokenizer.json")
+    weights = init_weights(config, tokenizer_config["vocab_size"], special)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
 
 
-def _special_token_ids(tokenizer_json: Path) -> list[int]:
+def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's names and shapes, as mlx-lm's Llama declares them (never evaluated)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    return {name: tuple(p.shape) for name, p in sorted(tree_flatten(model.parameters()))}
+
+
+def special_token_ids(tokenizer_json: Path) -> list[int]:
     added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
     return [t["id"] for t in added if t.get("special")]
 
 
-def _init_weights(config: dict, known_ids: int, special_ids: list[int]) -> dict[str, mx.array]:
+def init_weights(config: dict, known_ids: int, special_ids: list[int]) -> dict:
     """Each tensor drawn from a name-derived key and evaluated at once, so peak memory stays
     near the model's own size. Output rows of special and unknown ids are zeroed: greedy
     decoding never picks them (the best of the known ids' logits is positive)."""
-    dtype = DTYPES[config["torch_dtype"]]
+    import mlx.core as mx
+
+    dtype = getattr(mx, config["torch_dtype"])
     weights = {}
-    for name, shape in llama_param_shapes(config).items():
-        weights[name] = _init_param(name, shape, dtype, config["num_hidden_layers"])
+    for name, shape in parameter_shapes(config).items():
+        weights[name] = init_parameter(name, shape, dtype, config["num_hidden_layers"])
         mx.eval(weights[name])
     head = "model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"
     dead = mx.array(special_ids + list(range(known_ids, config["vocab_size"])), dtype=mx.int32)
@@ -163,10 +162,12 @@ def _init_weights(config: dict, known_ids: int, special_ids: list[int]) -> dict[
     return weights
 
 
-def _init_param(name: str, shape: tuple[int, ...], dtype: mx.Dtype, layers: int) -> mx.array:
+def init_parameter(name: str, shape: tuple[int, ...], dtype, layers: int):
     """Uniform with the standard deviation of fan-in scaling, so logits spread near unit
     width (uniform draws are 3x faster than normal ones); the residual writers are scaled
     down by depth so the residual stream does not grow layer after layer."""
+    import mlx.core as mx
+
     if name.endswith("norm.weight"):
         return mx.ones(shape, dtype=dtype)
     key = mx.random.key(zlib.crc32(f"{SEED}:{name}".encode()))
@@ -177,41 +178,7 @@ def _init_param(name: str, shape: tuple[int, ...], dtype: mx.Dtype, layers: int)
     return mx.random.uniform(-bound, bound, shape, dtype=dtype, key=key)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """KEY=VALUE pairs; values are read as JSON when they parse, else kept as strings."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", type=Path, help="where to write the model")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config.json field of the preset (e.g. num_hidden_layers=2)",
-    )
-    args = parser.parse_args(argv)
-    overrides = parse_overrides(args.overrides)
-    if args.out_dir:
-        path = make_bench_model(args.out_dir, args.preset, overrides)
-    else:
-        path = bench_model_path(args.preset, overrides)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def parameter_count(path: Path) -> int:
+    """Parameters of a built model, from its config alone."""
+    config = {**LLAMA_DEFAULTS, **json.loads((Path(path) / "config.json").read_text())}
+    return sum(math.prod(shape) for shape in parameter_shapes(config).values())

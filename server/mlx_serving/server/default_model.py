@@ -268,7 +268,7 @@ def _install(staged: Path, path: Path, keep_existing: bool) -> None:
 
 def _write_model(out: Path) -> None:
     tokenizer = _train_tokenizer()
-    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    ids = _special_token_ids(tokenizer)
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", _model_config(ids))
     _write_json(out / "generation_config.json", _generation_config(ids))
@@ -276,6 +276,17 @@ def _write_model(out: Path) -> None:
     _write_json(out / "special_tokens_map.json", _special_tokens_map())
     weights = _init_weights(list(ids.values()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+
+
+def _special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The ids of SPECIAL_TOKENS, which the trainer always adds to the vocabulary."""
+    ids = {}
+    for token in SPECIAL_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise RuntimeError(f"the trained tokenizer lacks the special token {token!r}")
+        ids[token] = token_id
+    return ids
 
 
 def _train_tokenizer() -> Tokenizer:

@@ -1,0 +1,184 @@
+"""Where a steady decode step's time goes, with and without the decode attention kernel.
+
+mlx-lm's BatchGenerator decodes a full batch (every sequence prefilled, none finishing) on the
+fused model, alternating kernel on / off within every round. Per step it splits the time into
+building the model's graph in Python (`build`), `mx.async_eval` launching it (`dispatch`),
+`mx.eval` waiting for the previous step's tokens (`wait`) and mlx-lm's own bookkeeping
+(`other`). On a GPU, `wait` near zero means the step is bound by the host. The kernel needs
+CUDA (check "kernel runs here"); elsewhere both variants run MLX's attention and should
+measure the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+
+from . import report
+from .model_maker import add_model_arguments, chosen_model_path
+from .options import int_list
+
+PHASES = ("build", "dispatch", "wait")
+PROMPT_TOKENS = 118
+# Steps decoded after the batch is full and before timing starts.
+SETTLE_STEPS = 20
+
+COLUMNS = [
+    report.Column("batch", "batch"),
+    report.Column("kernel", "kernel"),
+    report.Column("step ms", "step_ms", ".2f"),
+    report.Column("build", "build_ms", ".2f"),
+    report.Column("dispatch", "dispatch_ms", ".2f"),
+    report.Column("wait", "wait_ms", ".2f"),
+    report.Column("other", "other_ms", ".2f"),
+    report.Column("tok/s (median)", "tok_s", ".0f"),
+    report.Column("per round", "tok_s_rounds", ".0f"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, default_preset="llama-3.2-1b")
+    parser.add_argument("--batch", type=int_list, default=[16, 32])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+
+
+class TimedMLX:
+    """mlx.core as mlx-lm's generate module sees it, with async_eval and eval timed."""
+
+    def __init__(self, mx, spent: dict[str, float]):
+        self._mx, self._spent = mx, spent
+
+    def __getattr__(self, name):
+        return getattr(self._mx, name)
+
+    def async_eval(self, *args):
+        started = time.perf_counter()
+        self._mx.async_eval(*args)
+        self._spent["dispatch"] += time.perf_counter() - started
+
+    def eval(self, *args):
+        started = time.perf_counter()
+        self._mx.eval(*args)
+        self._spent["wait"] += time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def timed_phases(model, spent: dict[str, float]):
+    """While inside: the model's forward pass and mlx-lm's evals add their time to `spent`."""
+    import mlx.core as mx
+
+    generate = sys.modules["mlx_lm.generate"]
+    model_class = type(model)
+    forward = model_class.__call__
+
+    def timed_forward(self, *args, **kwargs):
+        started = time.perf_counter()
+        out = forward(self, *args, **kwargs)
+        spent["build"] += time.perf_counter() - started
+        return out
+
+    model_class.__call__ = timed_forward
+    generate.mx = TimedMLX(mx, spent)
+    try:
+        yield
+    finally:
+        model_class.__call__ = forward
+        generate.mx = mx
+
+
+def set_kernel(model, on: bool) -> None:
+    for module in model.modules():
+        if hasattr(type(module), "decode_kernel"):
+            module.decode_kernel = on
+
+
+def steady_generator(model, batch: int):
+    """A batch of `batch` sequences, all prefilled and decoding, none about to finish."""
+    from mlx_lm.generate import BatchGenerator
+
+    generator = BatchGenerator(model, stop_tokens=None, completion_batch_size=batch)
+    vocab = min(model.args.vocab_size - 3, 2000)
+    prompts = [
+        [(i * 7 + j) % vocab + 3 for j in range(PROMPT_TOKENS + i % 9)] for i in range(batch)
+    ]
+    uids = set(generator.insert(prompts, max_tokens=[10**6] * batch))
+    decoding: set[int] = set()
+    while decoding != uids:
+        decoding.update(response.uid for response in generator.next()[1])
+    for _ in range(SETTLE_STEPS):
+        generator.next()
+    return generator
+
+
+def time_steps(model, batch: int, steps: int, spent: dict[str, float]) -> dict:
+    generator = steady_generator(model, batch)
+    try:
+        for phase in PHASES:
+            spent[phase] = 0.0
+        started = time.perf_counter()
+        for _ in range(steps):
+            generator.next()
+        wall = time.perf_counter() - started
+    finally:
+        generator.close()
+    ms = {f"{phase}_ms": 1000 * spent[phase] / steps for phase in PHASES}
+    step_ms = 1000 * wall / steps
+    return {
+        "step_ms": step_ms,
+        **ms,
+        "other_ms": step_ms - sum(ms.values()),
+        "tok_s": batch * steps / wall,
+    }
+
+
+def run(args) -> dict:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlx_serving.engine import decode_attention
+    from mlx_serving.engine.fusion import fuse_projections
+
+    model, _ = load(str(chosen_model_path(args)))
+    fuse_projections(model)
+    print(f"MLX {mx.__version__} on {mx.default_device()}", flush=True)
+    spent = dict.fromkeys(PHASES, 0.0)
+    runs: dict[tuple[int, bool], list[dict]] = {}
+    with timed_phases(model, spent):
+        for round_ in range(args.rounds):
+            order = (True, False) if round_ % 2 == 0 else (False, True)
+            for batch in args.batch:
+                for kernel in order:
+                    set_kernel(model, kernel)
+                    one = time_steps(model, batch, args.steps, spent)
+                    runs.setdefault((batch, kernel), []).append(one)
+                    print(
+                        f"  round {round_ + 1} batch {batch} kernel {'on' if kernel else 'off'}: "
+                        f"step {one['step_ms']:.2f} ms, {one['tok_s']:,.0f} tok/s",
+                        flush=True,
+                    )
+    rows = [summarize(batch, kernel, values) for (batch, kernel), values in sorted(runs.items())]
+    ratios = []
+    for batch in args.batch:
+        on, off = (statistics.median(r["tok_s"] for r in runs[batch, k]) for k in (True, False))
+        per_round = [
+            a["tok_s"] / b["tok_s"]
+            for a, b in zip(runs[batch, True], runs[batch, False], strict=True)
+        ]
+        ratios.append(
+            report.ratio_entry("kernel on/off", on / off, per_round, batch=batch, metric="tok_s")
+        )
+    checks = [report.check_entry("kernel runs here (CUDA)", decode_attention.on_cuda())]
+    return report.make_report("decode-step", args, rows, ratios, checks)
+
+
+def summarize(batch: int, kernel: bool, values: list[dict]) -> dict:
+    """Medians over rounds of each phase, and tok/s round by round."""
+    row = {"batch": batch, "kernel": kernel}
+    for key in ("step_ms", *(f"{phase}_ms" for phase in PHASES), "other_ms", "tok_s"):
+        row[key] = statistics.median(value[key] for value in values)
+    row["tok_s_rounds"] = [value["tok_s"] for value in values]
+    return row

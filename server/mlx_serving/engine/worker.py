@@ -1,0 +1,324 @@
+"""The engine process: its main, its pipes, the dispatch of commands, and model loading.
+
+The facade (engine.py) spawns `run_engine_process`, so that the Python work of the wire layer
+never competes with the decode loop for a GIL: on a GPU a small model's batch step is bound by
+the host, and every microsecond the event loop holds the GIL was a microsecond of decoding
+lost. Typed commands (protocol.py) arrive over one pipe; replies go back over another, one
+StepOutput per loop turn for every request's chunks, every event and every observation.
+"""
+
+import contextlib
+import importlib
+import importlib.metadata
+import logging
+import os
+import pickle
+import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .config import EngineConfig
+from .errors import ModelLoadFailed, ModelSourceNotFound, RequestAborted
+from .loading import (
+    LoadedModel,
+    build_model,
+    describe_model,
+    read_tokenizer,
+    resolve_model_path,
+    shorten,
+    weight_bytes,
+    weight_chunks,
+)
+from .models import ModelSource
+from .protocol import (
+    PROBES_ENV,
+    AbortAll,
+    Admit,
+    Call,
+    Cancel,
+    Died,
+    Failure,
+    Load,
+    LoadProgress,
+    Observe,
+    Probe,
+    Result,
+    Stop,
+    Stopped,
+    Unload,
+    WatchTokens,
+)
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+# A loading model's weights are read this many bytes per loop turn, between batch steps.
+LOAD_CHUNK_BYTES = 64 << 20
+# How long an otherwise idle engine waits for a command at a time while a load waits on its
+# thread (finding the model, reading its tokenizer).
+LOADING_POLL_SECONDS = 0.005
+# How often an idle engine wakes to show the facade's watchdog it is alive.
+HEARTBEAT_SECONDS = 0.5
+# Returned by a command whose caller is answered later (a load).
+DEFERRED = object()
+
+
+@dataclass
+class Loading:
+    """A model being loaded without holding up the batches of the models already loaded: its
+    directory is found (or downloaded) and its tokenizer read on a thread, and its weights
+    are read a chunk per loop turn, between batch steps."""
+
+    call_id: int | None
+    model_id: str
+    source: ModelSource
+    started: float
+    # The thread's job in hand: the model's directory, then its tokenizer.
+    job: Future
+    path: Path | None = None
+    model: Any = None
+    config: dict = field(default_factory=dict)
+    chunks: list = field(default_factory=list)
+    total_bytes: int = 0
+    read_bytes: int = 0
+
+
+class Worker:
+    """The engine process's loop: take commands, step the scheduler, send what it produced."""
+
+    def __init__(
+        self, config: EngineConfig, commands: Connection, results: Connection, heartbeat: Any
+    ):
+        self.config = config
+        self.scheduler = Scheduler(config)
+        self._commands = commands
+        self._results = results
+        # When the loop last showed progress (time.monotonic, shared memory): the facade's
+        # watchdog reads it.
+        self._heartbeat = heartbeat
+        self.running = True
+        self.loading: list[Loading] = []
+        self.load_chunk_bytes = LOAD_CHUNK_BYTES
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-loader")
+        self._call_id: int | None = None
+        self._handlers = {
+            Admit: lambda c: self.scheduler.admit(c.admission, c.rid, c.internal),
+            Cancel: lambda c: self.scheduler.cancel(c.rid),
+            Load: self._load,
+            Unload: lambda c: self.scheduler.unload(c.model_id),
+            AbortAll: lambda c: self.scheduler.abort_all(RequestAborted(c.reason)),
+            Observe: lambda c: self.scheduler.set_observing(c.recording),
+            WatchTokens: lambda c: self.scheduler.set_token_events(c.wanted),
+            Stop: lambda c: setattr(self, "running", False),
+            Probe: self._probe,
+        }
+
+    def run(self) -> None:
+        try:
+            with mx.stream(self.scheduler.stream):
+                while self.running:
+                    self._take_commands()
+                    self._beat()
+                    self._send(self.scheduler.step())
+                    if self.loading:
+                        self._continue_loading()
+        except BaseException as exc:
+            log.exception("engine loop died")
+            self._send(self.scheduler.take_output())  # what was decided, such as events
+            self._send(Died(f"engine loop died: {type(exc).__name__}"))
+        finally:
+            for loading in self.loading:
+                stopped = ModelLoadFailed(f"the engine stopped before {loading.model_id!r} loaded")
+                self._answer(loading.call_id, stopped)
+            self.scheduler.close()
+            self._loader.shutdown(wait=False, cancel_futures=True)
+            self._send(Stopped())
+
+    def _beat(self) -> None:
+        self._heartbeat.value = time.monotonic()
+
+    def _take_commands(self) -> None:
+        self._beat()
+        if self.scheduler.idle:
+            # Idle, unless loading: then look at the pipe between pieces of the load.
+            if self._commands.poll(self._idle_wait()):
+                self._run(self._commands.recv())
+                # Idle → busy: give concurrent arrivals a moment to join the first step.
+                time.sleep(self.config.coalesce_seconds)
+        while self.running and self._commands.poll():
+            self._beat()
+            self._run(self._commands.recv())
+
+    def _idle_wait(self) -> float:
+        """How long an idle loop may wait for a command: until its next heartbeat, unless a
+        model is loading; a moment if that load waits on its thread; not at all if it has
+        weights to read."""
+        if not self.loading:
+            return min(HEARTBEAT_SECONDS, self.config.wedge_timeout_seconds / 4)
+        head = self.loading[0]
+        waiting = head.path is None or (not head.chunks and not head.job.done())
+        return LOADING_POLL_SECONDS if waiting else 0.0
+
+    def _run(self, message: Any) -> None:
+        """Run a command; a `Call`'s caller gets the result or the error."""
+        call_id, command = (
+            (message.call_id, message.command) if isinstance(message, Call) else (None, message)
+        )
+        self._call_id = call_id
+        try:
+            value = self._handlers[type(command)](command)
+        except Exception as exc:
+            # Without its traceback: exc → traceback → this frame → exc is a cycle that keeps
+            # the command's arguments alive until the garbage collector's next full pass.
+            value = exc.with_traceback(None)
+            if call_id is None:
+                log.error("engine command %s failed", type(command).__name__, exc_info=exc)
+        if call_id is not None and value is not DEFERRED:
+            self._answer(call_id, value)
+
+    def _answer(self, call_id: int | None, value: Any) -> None:
+        """A Result, or a Failure when `value` is an exception; the command's events first."""
+        if call_id is None:
+            return
+        self._send(self.scheduler.take_output())
+        reply = Failure(call_id, value) if isinstance(value, Exception) else Result(call_id, value)
+        try:
+            payload = pickle.dumps(reply)
+        except Exception as exc:  # a result or third-party error that cannot cross processes
+            error = RuntimeError(
+                f"{type(value).__name__}: {value}" if isinstance(value, Exception) else repr(exc)
+            )
+            payload = pickle.dumps(Failure(call_id, error))
+        self._send_payload(payload)
+
+    def _send(self, reply: Any) -> None:
+        if reply is not None:
+            self._send_payload(pickle.dumps(reply))
+
+    def _send_payload(self, payload: bytes) -> None:
+        """To the facade; once it has gone (it closed the pipe) there is no one left to tell."""
+        try:
+            self._results.send_bytes(payload)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            self.running = False
+
+    def _probe(self, command: Probe) -> Any:
+        if not os.environ.get(PROBES_ENV):
+            raise PermissionError(f"probes are off (set {PROBES_ENV} to allow them)")
+        module, name = command.function.split(":")
+        return getattr(importlib.import_module(module), name)(self, *command.args)
+
+    def _load(self, command: Load) -> Any:
+        """Start loading; the caller is answered `(info, path)` once the model is ready."""
+        job = self._loader.submit(resolve_model_path, command.source)
+        started = time.perf_counter()
+        self.loading.append(Loading(self._call_id, command.model_id, command.source, started, job))
+        return DEFERRED
+
+    def _continue_loading(self) -> None:
+        """One short piece of the oldest load: build the (lazy) model once its directory is
+        found, read one chunk of its weights, or finish once its tokenizer is read."""
+        loading = self.loading[0]
+        try:
+            if loading.path is None:
+                if not loading.job.done():
+                    return
+                loading.path = loading.job.result()
+                loading.model, loading.config = build_model(
+                    loading.path,
+                    fuse=self.config.fuse_projections,
+                    decode_kernel=self.config.decode_attention_kernel,
+                )
+                loading.chunks = weight_chunks(loading.model, self.load_chunk_bytes)
+                loading.total_bytes = weight_bytes(loading.model)
+                loading.job = self._loader.submit(read_tokenizer, loading.path, loading.config)
+                self._send(LoadProgress(loading.model_id, 0, loading.total_bytes))
+            elif loading.chunks:
+                chunk = loading.chunks.pop(0)
+                mx.eval(chunk)
+                loading.read_bytes += sum(w.nbytes for w in chunk)
+                self._send(LoadProgress(loading.model_id, loading.read_bytes, loading.total_bytes))
+            elif loading.job.done():
+                self._finish_loading(loading, loading.path, loading.job.result())
+        except Exception as exc:
+            if self.loading and self.loading[0] is loading:
+                self.loading.pop(0)
+            if not isinstance(exc, (ModelLoadFailed, ModelSourceNotFound)):
+                exc = ModelLoadFailed(
+                    f"cannot load {describe_source(loading)}: {type(exc).__name__}: {exc}"
+                )
+            self._answer(loading.call_id, exc.with_traceback(None))
+            mx.clear_cache()
+
+    def _finish_loading(self, loading: Loading, path: Path, tokenizer) -> None:
+        info = describe_model(
+            loading.model_id, loading.source, loading.model, tokenizer, loading.config
+        )
+        loaded = LoadedModel(model=loading.model, tokenizer=tokenizer, info=info, path=path)
+        self.loading.pop(0)
+        self.scheduler.add_model(loaded, time.perf_counter() - loading.started)
+        self._answer(loading.call_id, (loaded.info, str(loaded.path)))
+
+
+def describe_source(loading: Loading) -> str:
+    """The source a load was given, short enough for a message (a path may be 4 KiB)."""
+    return repr(shorten(str(loading.path or loading.source.local_path or loading.source.repo_id)))
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def run_engine_process(
+    config: EngineConfig, commands: Connection, results: Connection, heartbeat: Any, log_level: int
+) -> None:
+    """The engine process's main: log as the server does, then run until told to stop.
+
+    Signals are the server's to handle: a Ctrl-C or a SIGTERM sent to the whole process group
+    must start a graceful shutdown, not kill the engine under the streams it should finish. The
+    engine still ends with the server: its command pipe closes when the server exits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    log.info("MLX %s on %s", mlx_version(), mx.default_device())
+    if conflict := backend_conflict(installed_mlx_backends()):
+        log.warning(conflict)
+    Worker(config, commands, results, heartbeat).run()
+
+
+MLX_BACKENDS = ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal")
+
+
+def installed_mlx_backends() -> list[str]:
+    backends = []
+    for name in MLX_BACKENDS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.distribution(name)
+            backends.append(name)
+    return backends
+
+
+def backend_conflict(backends: list[str]) -> str | None:
+    """MLX's backend packages all ship mlx/lib/libmlx.so: with two installed, the one installed
+    last runs, whichever that was, and removing either breaks the other."""
+    if len(backends) < 2:
+        return None
+    keep = next((name for name in backends if name.startswith("mlx-cuda")), backends[-1])
+    others = " ".join(name for name in backends if name != keep)
+    return (
+        f"MLX backends {', '.join(backends)} are installed side by side and overwrite each "
+        f"other's library; keep one: pip uninstall -y {others} {keep} && "
+        f"pip install {keep}=={mlx_version()}"
+    )
+
+
+def mlx_version() -> str:
+    """MLX's version, as the `mlx` distribution (which ships mlx.core) records it: the same as
+    `mlx.core.__version__`, which MLX's stubs do not declare."""
+    return importlib.metadata.version("mlx")
