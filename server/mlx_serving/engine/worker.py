@@ -174,11 +174,11 @@ class Worker:
         try:
             value = self._handlers[type(command)](command)
         except Exception as exc:
+            if call_id is None:
+                log.error("engine command %s failed", type(command).__name__, exc_info=exc)
             # Without its traceback: exc → traceback → this frame → exc is a cycle that keeps
             # the command's arguments alive until the garbage collector's next full pass.
             value = exc.with_traceback(None)
-            if call_id is None:
-                log.error("engine command %s failed", type(command).__name__, exc_info=exc)
         if call_id is not None and value is not DEFERRED:
             self._answer(call_id, value)
 
