@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/tokenize_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\"|\n\x0fTokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x04text\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x15\n\rreturn_pieces\x18\x04 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"m\n\x11\x44\x65tokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1d\n\ttoken_ids\x18\x02 \x03(\rB\n\xbaH\x07\x92\x01\x04\x10\x80\x80@\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xb5\x01\n\x0fTokenizeService\x12M\n\x08Tokenize\x12\x1f.mlx_serving.v1.TokenizeRequest\x1a .mlx_serving.v1.TokenizeResponse\x12S\n\nDetokenize\x12!.mlx_serving.v1.DetokenizeRequest\x1a\".mlx_serving.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/tokenize_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\"|\n\x0fTokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x04text\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x15\n\rreturn_pieces\x18\x04 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"m\n\x11\x44\x65tokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1d\n\ttoken_ids\x18\x02 \x03(\rB\n\xbaH\x07\x92\x01\x04\x10\x80\x80@\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xb5\x01\n\x0fTokenizeService\x12M\n\x08Tokenize\x12\x1f.mlx_serving.v1.TokenizeRequest\x1a .mlx_serving.v1.TokenizeResponse\x12S\n\nDetokenize\x12!.mlx_serving.v1.DetokenizeRequest\x1a\".mlx_serving.v1.DetokenizeResponseB\x87\x01\n\x11\x64\x65v.mlxserving.v1B\x14TokenizeServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlx_serving.v1.tokenize_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\021dev.mlxserving.v1B\024TokenizeServiceProtoP\001ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\252\002\rMlxServing.V1'
   _globals['_TOKENIZEREQUEST'].fields_by_name['model_id']._loaded_options = None
   _globals['_TOKENIZEREQUEST'].fields_by_name['model_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
   _globals['_TOKENIZEREQUEST'].fields_by_name['text']._loaded_options = None
