@@ -1,109 +1,98 @@
-"""Generate the Python stubs in stubs/src from proto/, or check that they are current.
+"""Generate stubs/src and proto/mlx_serving.protoset from proto/, or check that they are current.
 
-No protovalidate release ships buf/validate/validate.proto, and the Buf registry is out of
-reach, so the descriptor embedded in the installed `protovalidate` package is handed to protoc
-with --descriptor_set_in instead of a copy of the file.
+Our files are under proto/mlx_serving; buf/validate/validate.proto, which their annotations
+import, is vendored under proto/vendor/protovalidate (its README says which release). protoc
+reads both with include paths, and the well-known types from grpcio-tools. buf.yaml makes the
+two directories one offline workspace, so plain `buf build`, `buf lint`, `buf format` and
+`buf breaking` run from the repository root with no registry.
 
-    python scripts/gen_protos.py          # regenerate
-    python scripts/gen_protos.py --check  # fail if stubs/ differs from what proto/ generates
-    python scripts/gen_protos.py --lint   # buf lint proto/ (offline, through a protoc image)
+    python scripts/gen_protos.py                    # regenerate the stubs and the protoset
+    python scripts/gen_protos.py --check            # fail if either differs from proto/'s output
+    python scripts/gen_protos.py --lint             # buf lint
+    python scripts/gen_protos.py --update-baseline  # accept the contract as buf breaking's baseline
 """
 
 import argparse
-import ast
 import filecmp
-import importlib.util
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from google.protobuf import (
-    descriptor_pb2,
-    duration_pb2,
-    field_mask_pb2,
-    timestamp_pb2,
-)
+from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
+OUR_PACKAGE_DIR = "mlx_serving"
+VENDOR_DIR = PROTO_DIR / "vendor" / "protovalidate"
+VALIDATE_PROTO = "buf/validate/validate.proto"
 STUBS_SRC = ROOT / "stubs" / "src"
 GENERATED_DIRS = ("mlx_serving/v1", "buf/validate")
-VALIDATE_PROTO = "buf/validate/validate.proto"
-
-
-def load_validate_descriptor() -> bytes:
-    """The serialized FileDescriptorProto of buf/validate/validate.proto, from protovalidate."""
-    spec = importlib.util.find_spec("protovalidate")
-    source = Path(spec.origin).parent / "_gen" / "buf" / "validate" / "validate_pb.py"
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Constant) and isinstance(node.value, bytes):
-            if node.value.startswith(b"\n\x1b" + VALIDATE_PROTO.encode()):
-                return node.value
-    raise RuntimeError(f"no descriptor of {VALIDATE_PROTO} in {source}")
-
-
-def write_descriptor_set(path: Path) -> None:
-    files = descriptor_pb2.FileDescriptorSet()
-    for module in (descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2):
-        files.file.add().ParseFromString(module.DESCRIPTOR.serialized_pb)
-    files.file.add().ParseFromString(load_validate_descriptor())
-    path.write_bytes(files.SerializeToString())
+PROTOSET = PROTO_DIR / "mlx_serving.protoset"
+BASELINE = PROTO_DIR / "baseline" / "mlx_serving_v1.binpb"
+INCLUDES = [f"-I{PROTO_DIR}", f"-I{VENDOR_DIR}"]
 
 
 def list_protos() -> list[str]:
-    return sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    """Our .proto files, relative to proto/ (the vendored module is not ours)."""
+    return sorted(
+        p.relative_to(PROTO_DIR).as_posix() for p in (PROTO_DIR / OUR_PACKAGE_DIR).rglob("*.proto")
+    )
+
+
+def protoc(args: list[str]) -> None:
+    """grpc_tools.protoc, which adds the include path of the well-known types itself."""
+    done = subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", *INCLUDES, *args],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        sys.exit(f"protoc failed:\n{done.stderr}")
 
 
 def generate(out: Path) -> None:
-    protos = list_protos()
+    """The Python stubs of our files and of validate.proto (clients import it), into `out`."""
+    protoc([f"--python_out={out}", f"--pyi_out={out}", VALIDATE_PROTO])
+    protoc([f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *list_protos()])
+
+
+def write_protoset(path: Path) -> None:
+    """A self-contained FileDescriptorSet (for ghz --protoset, grpcurl -protoset): our files and
+    everything they import. Our files keep their source info, so tools show their comments; the
+    imported files' is dropped, as it would triple the size and only documents protovalidate."""
     with tempfile.TemporaryDirectory() as tmp:
-        deps = Path(tmp) / "deps.binpb"
-        write_descriptor_set(deps)
-        base = [sys.executable, "-m", "grpc_tools.protoc", f"--descriptor_set_in={deps}"]
-        run(base + [f"--python_out={out}", f"--pyi_out={out}", VALIDATE_PROTO])
-        run(
-            base
-            + [f"-I{PROTO_DIR}", f"--python_out={out}", f"--pyi_out={out}"]
-            + [f"--grpc_python_out={out}", *protos]
-        )
+        raw = Path(tmp) / "raw.protoset"
+        protoc(["--include_imports", "--include_source_info", f"-o{raw}", *list_protos()])
+        files = descriptor_pb2.FileDescriptorSet.FromString(raw.read_bytes())
+    for file in files.file:
+        if not file.name.startswith(f"{OUR_PACKAGE_DIR}/"):
+            file.ClearField("source_code_info")
+    path.write_bytes(files.SerializeToString(deterministic=True))
 
 
 def find_buf() -> str:
-    """The buf binary: on PATH, or beside this interpreter (buf-bin installs it into the venv)."""
-    found = shutil.which("buf") or shutil.which("buf", path=str(Path(sys.executable).parent))
+    """The buf binary: beside this interpreter (buf-bin installs it into the venv), or on PATH."""
+    found = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
     if found is None:
         sys.exit("buf not found: pip install buf-bin (or npm install @bufbuild/buf)")
     return found
 
 
-def lint() -> None:
-    """buf lint proto/ against buf.yaml.
-
-    buf cannot resolve buf/validate/validate.proto offline, so protoc builds an image with the
-    same descriptor set as generate() and buf lints that image, limited to our own files.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        deps, image = Path(tmp) / "deps.binpb", Path(tmp) / "image.binpb"
-        write_descriptor_set(deps)
-        run(
-            [sys.executable, "-m", "grpc_tools.protoc", f"--descriptor_set_in={deps}"]
-            + [f"-I{PROTO_DIR}", "--include_imports", "--include_source_info", f"-o{image}"]
-            + list_protos()
-        )
-        config = ROOT / "buf.yaml"
-        cmd = [find_buf(), "lint", str(image), "--path", "mlx_serving/v1", "--config", str(config)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+def buf(*args: str) -> None:
+    done = subprocess.run([find_buf(), *args], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"buf lint failed:\n{done.stdout}{done.stderr}")
-    print("buf lint passed")
+        sys.exit(f"buf {args[0]} failed:\n{done.stdout}{done.stderr}")
 
 
-def run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"protoc failed:\n{done.stderr}")
+def update_baseline() -> None:
+    """Build the image `buf breaking --against` compares with: our files only (validate.proto
+    goes in as an import), so the check never looks at the vendored module."""
+    BASELINE.parent.mkdir(parents=True, exist_ok=True)
+    rel = BASELINE.relative_to(ROOT).as_posix()
+    buf("build", "--path", f"proto/{OUR_PACKAGE_DIR}", "--exclude-source-info", "-o", rel)
+    print(f"wrote {rel}")
 
 
 def differences(a: Path, b: Path) -> list[str]:
@@ -119,33 +108,56 @@ def differences(a: Path, b: Path) -> list[str]:
     )
 
 
+def check(fresh: Path) -> None:
+    stale = [
+        f"stubs/src/{d}/{n}"
+        for d in GENERATED_DIRS
+        for n in differences(fresh / d, STUBS_SRC / d)
+        if "__pycache__" not in n
+    ]
+    protoset = fresh / PROTOSET.name
+    if not (PROTOSET.is_file() and filecmp.cmp(protoset, PROTOSET, shallow=False)):
+        stale.append(PROTOSET.relative_to(ROOT).as_posix())
+    if stale:
+        sys.exit("stale, run scripts/gen_protos.py:\n  " + "\n  ".join(stale))
+    print("stubs and protoset are current")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="fail if stubs/ is stale")
-    mode.add_argument("--lint", action="store_true", help="buf lint proto/, offline")
+    mode.add_argument(
+        "--check", action="store_true", help="fail if stubs/ or the protoset is stale"
+    )
+    mode.add_argument("--lint", action="store_true", help="buf lint, offline")
+    mode.add_argument(
+        "--update-baseline",
+        action="store_true",
+        help=f"rewrite {BASELINE.relative_to(ROOT)} from the current contract",
+    )
     args = parser.parse_args()
     if args.lint:
-        lint()
+        buf("lint")
+        print("buf lint passed")
+        return
+    if args.update_baseline:
+        update_baseline()
         return
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)
         generate(fresh)
+        write_protoset(fresh / PROTOSET.name)
         if args.check:
-            stale = [
-                f"{d}/{n}"
-                for d in GENERATED_DIRS
-                for n in differences(fresh / d, STUBS_SRC / d)
-                if "__pycache__" not in n
-            ]
-            if stale:
-                sys.exit("stubs are stale, run scripts/gen_protos.py:\n  " + "\n  ".join(stale))
-            print("stubs are current")
+            check(fresh)
             return
         for d in GENERATED_DIRS:
             shutil.rmtree(STUBS_SRC / d, ignore_errors=True)
             shutil.copytree(fresh / d, STUBS_SRC / d)
-        print(f"generated {', '.join(GENERATED_DIRS)} under {STUBS_SRC.relative_to(ROOT)}")
+        shutil.copyfile(fresh / PROTOSET.name, PROTOSET)
+        print(
+            f"generated {', '.join(GENERATED_DIRS)} under {STUBS_SRC.relative_to(ROOT)}"
+            f" and {PROTOSET.relative_to(ROOT)}"
+        )
 
 
 if __name__ == "__main__":

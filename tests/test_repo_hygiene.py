@@ -52,6 +52,18 @@ def test_buf_lint() -> None:
 
 
 @pytest.mark.fail_fast
+def test_buf_format() -> None:
+    check([find_tool("buf"), "format", "--diff", "--exit-code"])
+
+
+@pytest.mark.fail_fast
+def test_buf_breaking() -> None:
+    """The contract keeps what the baseline image promised; to change it on purpose, run
+    `python scripts/gen_protos.py --update-baseline` and commit the new baseline with it."""
+    check([find_tool("buf"), "breaking", "--against", "proto/baseline/mlx_serving_v1.binpb"])
+
+
+@pytest.mark.fail_fast
 def test_mypy() -> None:
     """The server's packages type-check ([tool.mypy] in pyproject.toml says what and how)."""
     check([sys.executable, "-m", "mypy"])

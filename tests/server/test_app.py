@@ -16,9 +16,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from wire_helpers import (
+    detail,
     generate_all,
     read_rest,
-    rich_status,
     rpc_error,
     wait_until,
 )
@@ -181,9 +181,8 @@ async def test_a_full_queue_is_resource_exhausted_with_retry_info(fresh_server):
         await running.read()
         error = await rpc_error(generate.Generate(long_request(max_tokens=2)))
         assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        (detail,) = rich_status(error).details
-        retry = error_details_pb2.RetryInfo()
-        assert detail.Unpack(retry) and retry.retry_delay.ToNanoseconds() == 1_000_000_000
+        retry = detail(error, error_details_pb2.RetryInfo)
+        assert retry is not None and retry.retry_delay.ToNanoseconds() == 1_000_000_000
         running.cancel()
         await wait_until_idle(app.engine)
         await generate_all(generate, long_request(max_tokens=2))

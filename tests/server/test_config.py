@@ -672,9 +672,10 @@ def assert_one_generation_at_a_time(stub, retry: float) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             next(stub.Generate(request, timeout=STARTUP_SECONDS))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        (detail,) = rpc_status.from_call(refused.value).details
+        details = rpc_status.from_call(refused.value).details
         info = error_details_pb2.RetryInfo()
-        assert detail.Unpack(info) and info.retry_delay.ToTimedelta().total_seconds() == retry
+        assert any(d.Unpack(info) for d in details)
+        assert info.retry_delay.ToTimedelta().total_seconds() == retry
     finally:
         first.cancel()
 

@@ -3,7 +3,7 @@
 import grpc
 import protovalidate
 import pytest
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from mlx_serving.engine import errors, events
 from mlx_serving.engine.models import ModelInfo, ModelSource, ModelState, Quantization
@@ -240,7 +240,10 @@ def test_an_unmapped_engine_error_is_left_to_the_bug_path():
     assert internal.code is grpc.StatusCode.INTERNAL
     assert internal.details == "internal error (request id abc)"
     rich = status_pb2.Status.FromString(dict(internal.trailing_metadata)["grpc-status-details-bin"])
-    assert rich.code == code_pb2.INTERNAL and not rich.details
+    (detail,) = rich.details
+    info = error_details_pb2.ErrorInfo()
+    assert rich.code == code_pb2.INTERNAL and detail.Unpack(info)
+    assert info.reason == "INTERNAL" and dict(info.metadata) == {"request_id": "abc"}
 
 
 def test_ipv6_hosts_are_bracketed():

@@ -90,11 +90,35 @@ async def test_a_subscriber_sees_a_load_and_a_generation(app, channel, model_pat
     assert completed.WhichOneof("payload") == "generation_completed"
     done = completed.generation_completed
     assert (done.model, completed.request_id) == (OTHER, request_id)
-    assert done.tokens_generated == 3 and done.finish_reason == "max_tokens"
+    assert done.tokens_generated == 3
+    assert done.finish_reason == generate_pb.FINISH_REASON_MAX_TOKENS
     assert done.duration.ToNanoseconds() > 0 and done.throughput > 0
     assert dict(done.metadata) == {"user": "ada"}
     assert loaded.time.ToNanoseconds() <= started.time.ToNanoseconds()
     assert started.time.ToNanoseconds() <= completed.time.ToNanoseconds()
+    call.cancel()
+
+
+async def test_a_generation_the_server_stopped_completes_as_cancelled(app, channel, model_path):
+    """The engine's "aborted" (it ended the sequence: here, an unload) is the contract's
+    FINISH_REASON_CANCELLED, as in the Generate stream's last message."""
+    call = await subscribe(
+        channel, app, types=[events_pb.EVENT_TYPE_GENERATION_COMPLETED], model_ids=[OTHER]
+    )
+    models = model_grpc.ModelServiceStub(channel)
+    source = model_pb.ModelSource(local_path=str(model_path))
+    await models.LoadModel(model_pb.LoadModelRequest(model_id=OTHER, source=source))
+    request = generate_pb.GenerateRequest(
+        model_id=OTHER, text="hi", max_tokens=100_000, ignore_eos=True
+    )
+    stream = generate_grpc.GenerateServiceStub(channel).Generate(request)
+    await stream.read()
+    await models.UnloadModel(model_pb.UnloadModelRequest(model_id=OTHER))
+    assert (await rpc_error(stream)).code() is grpc.StatusCode.UNAVAILABLE
+    (completed,) = await next_events(call, 1, skip=())
+    done = completed.generation_completed
+    assert done.model == OTHER and done.tokens_generated >= 1
+    assert done.finish_reason == generate_pb.FINISH_REASON_CANCELLED
     call.cancel()
 
 

@@ -2,14 +2,29 @@
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from mlx_serving.engine.engine import Engine
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# The google.rpc details the server sends (docs/ERRORS.md), by their full name: any other
+# fails `details`.
+DETAIL_TYPES: dict[str, type[Message]] = {
+    message.DESCRIPTOR.full_name: message
+    for message in (
+        error_details_pb2.ErrorInfo,
+        error_details_pb2.ResourceInfo,
+        error_details_pb2.PreconditionFailure,
+        error_details_pb2.BadRequest,
+        error_details_pb2.RetryInfo,
+    )
+}
+M = TypeVar("M", bound=Message)
 
 
 async def rpc_error(call) -> grpc.aio.AioRpcError:
@@ -44,10 +59,49 @@ def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
 def field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     """(field, description) of the BadRequest detail of an INVALID_ARGUMENT error."""
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
-    (detail,) = rich_status(error).details
-    bad_request = error_details_pb2.BadRequest()
-    assert detail.Unpack(bad_request)
+    bad_request = detail(error, error_details_pb2.BadRequest)
+    assert bad_request is not None, f"no BadRequest in {error}"
     return [(v.field, v.description) for v in bad_request.field_violations]
+
+
+def details(error: grpc.aio.AioRpcError) -> list[Message]:
+    """Every detail of the error's google.rpc.Status, unpacked, in order."""
+    unpacked = []
+    for packed in rich_status(error).details:
+        name = packed.TypeName()
+        message_type = DETAIL_TYPES.get(name)
+        assert message_type is not None, f"unexpected detail {name} in {error}"
+        message = message_type()
+        assert packed.Unpack(message)
+        unpacked.append(message)
+    return unpacked
+
+
+def detail(error: grpc.aio.AioRpcError, message_type: type[M]) -> M | None:
+    """The error's one detail of `message_type`, or None (fails if there are several)."""
+    found = [d for d in details(error) if isinstance(d, message_type)]
+    assert len(found) <= 1, f"{len(found)} {message_type.__name__} details in {error}"
+    return found[0] if found else None
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo every error of ours carries, first of its details, in our domain."""
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert info is not None, f"no ErrorInfo in {error}"
+    assert isinstance(details(error)[0], error_details_pb2.ErrorInfo), error
+    assert info.domain == "mlx-serving", info
+    return info
+
+
+def reason(error: grpc.aio.AioRpcError) -> str:
+    return error_info(error).reason
+
+
+def retry_seconds(error: grpc.aio.AioRpcError) -> float:
+    """The RetryInfo delay of the error, in seconds (fails without one)."""
+    retry = detail(error, error_details_pb2.RetryInfo)
+    assert retry is not None, f"no RetryInfo in {error}"
+    return retry.retry_delay.ToNanoseconds() / 1e9
 
 
 def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:

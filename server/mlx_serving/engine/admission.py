@@ -46,13 +46,16 @@ def chat_messages(request: GenerationRequest) -> list[dict[str, str]]:
 def check_text_size(text: str, field: str, context_length: int, max_token_bytes: int) -> None:
     """Refuse, before tokenizing, a text that cannot fit in the context whatever its tokens."""
     limit = context_length * max_token_bytes * TEXT_BYTES_MARGIN
-    size = len(text.encode("utf-8", "surrogatepass"))
+    if len(text) * 4 <= limit:  # fits whatever its characters (UTF-8: at most 4 bytes each)
+        return
+    # At least one byte per character: no need to encode a text this long to know.
+    size = len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
     if size > limit:
         raise InvalidRequest(
             FieldViolation(
                 field,
-                f"the prompt has {size} bytes, more than a context of {context_length} tokens "
-                f"can hold",
+                f"the prompt has over {limit} bytes, more than a context of {context_length} "
+                f"tokens can hold",
             )
         )
 

@@ -29,8 +29,12 @@ from .errors import (
     EngineOverloaded,
     EngineUnavailable,
     ModelAlreadyExists,
+    ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
+    RequestAborted,
+    ShuttingDown,
+    TokenizeOverloaded,
 )
 from .events import (
     ErrorOccurred,
@@ -215,8 +219,10 @@ class Engine:
             info, path = await self._call(Load(source, model_id))
             # The facade's own tokenizer: prompts are tokenized here, not in the engine process.
             await self._prompts.add_model(model_id, Path(path))
-        except BaseException:
+        except BaseException as exc:
             self._infos.pop(model_id, None)
+            if isinstance(exc, ModelLoadFailed) and not exc.model_id:
+                exc.model_id = model_id  # the engine process names only the source
             raise
         self._infos[model_id] = info
         return info
@@ -258,13 +264,23 @@ class Engine:
         self, model_id: str, text: str, add_special_tokens: bool, return_pieces: bool
     ) -> tuple[list[int], list[str]]:
         self._ready_model(model_id)
-        return await self._prompts.tokenize(model_id, text, add_special_tokens, return_pieces)
+        # Prompts refuses calls past max_concurrent_tokenize as EngineOverloaded: say which
+        # limit it was. Raised outside the `except`, so the new error holds no other.
+        try:
+            return await self._prompts.tokenize(model_id, text, add_special_tokens, return_pieces)
+        except EngineOverloaded as exc:
+            retry_after = exc.retry_after
+        raise TokenizeOverloaded(retry_after)
 
     async def detokenize(
         self, model_id: str, token_ids: list[int], skip_special_tokens: bool
     ) -> str:
         check_token_ids(token_ids, self._ready_model(model_id).vocab_size, "token_ids")
-        return await self._prompts.detokenize(model_id, token_ids, skip_special_tokens)
+        try:
+            return await self._prompts.detokenize(model_id, token_ids, skip_special_tokens)
+        except EngineOverloaded as exc:
+            retry_after = exc.retry_after
+        raise TokenizeOverloaded(retry_after)
 
     def _ready_model(self, model_id: str) -> ModelInfo:
         self._check_accepting()
@@ -306,6 +322,9 @@ class Engine:
                 if chunks:
                     yield merge_chunks(chunks)
                 if error is not None:
+                    if isinstance(error, RequestAborted) and self._draining:
+                        # Ended by the shutdown, not an unload: worth retrying elsewhere.
+                        error.retry_after = self.config.retry_after_seconds
                     # Our frame must not hold the error its traceback holds: that cycle would
                     # keep the request alive until the garbage collector's next full pass.
                     del items, chunks
@@ -380,7 +399,7 @@ class Engine:
         if self._dead:
             raise EngineUnavailable("the engine has stopped after an internal error")
         if self._draining:
-            raise EngineUnavailable("the server is shutting down")
+            raise ShuttingDown(self.config.retry_after_seconds)
         if not self._running:
             raise EngineUnavailable("the engine is not running")
 

@@ -1,4 +1,9 @@
-"""Typed engine errors; the wire layer maps each to one gRPC status."""
+"""Typed engine errors; the wire layer maps each to one gRPC status.
+
+Each carries, as attributes, what a caller needs beyond its message: the model it is about, the
+state that refused the request, how long to wait before retrying. They cross the process
+boundary whole (see `EngineError.__reduce__`).
+"""
 
 from dataclasses import dataclass
 
@@ -35,10 +40,16 @@ class ModelNotReady(EngineError):
     def __init__(self, model_id: str, state: str):
         super().__init__(f"model {model_id!r} is {state}, not ready")
         self.model_id = model_id
+        # The model's state (a ModelState value, e.g. "loading").
+        self.state = state
 
 
 class ModelLoadFailed(EngineError):
     """The source could not be turned into a model."""
+
+    # The id the model was being loaded as: the engine process raises this naming the source
+    # only, and the facade, which knows the id, fills it in ("" until then).
+    model_id: str = ""
 
 
 class ModelSourceNotFound(ModelLoadFailed):
@@ -66,8 +77,21 @@ class EngineUnavailable(EngineError):
     """The engine is draining, stopped, or its thread died."""
 
 
+class ShuttingDown(EngineUnavailable):
+    """The server is draining before it stops: new work is refused, and is worth retrying after
+    `retry_after` seconds (elsewhere, or here once the server is back)."""
+
+    def __init__(self, retry_after: float):
+        super().__init__("the server is shutting down")
+        self.retry_after = retry_after
+
+
 class RequestAborted(EngineError):
     """A request ended by the engine (model unloaded, shutdown) before it finished."""
+
+    # Set when a shutdown ended it: the request is worth retrying after this many seconds
+    # (elsewhere, or here once the server is back). None for an unload.
+    retry_after: float | None = None
 
 
 class SequenceFailed(EngineError):
@@ -78,6 +102,7 @@ class SequenceFailed(EngineError):
         super().__init__(
             f"internal error: the generation failed in the engine (request id {request_id})"
         )
+        self.request_id = request_id
 
 
 class EngineOverloaded(EngineError):
@@ -86,3 +111,8 @@ class EngineOverloaded(EngineError):
     def __init__(self, retry_after: float):
         super().__init__("too many requests in flight; retry later")
         self.retry_after = retry_after
+
+
+class TokenizeOverloaded(EngineOverloaded):
+    """Too many Tokenize and Detokenize calls at once (max_concurrent_tokenize): generations
+    are admitted separately, so this one says nothing about them."""

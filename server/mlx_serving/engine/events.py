@@ -9,6 +9,10 @@ from .requests import ChatMessage
 
 Metadata = tuple[tuple[str, str], ...]
 
+# GenerationCompleted.finish_reason of a sequence the engine ended (its model was unloaded, the
+# engine shut down, the sequence failed) rather than its reader or its own end.
+ABORTED = "aborted"
+
 
 @dataclass(frozen=True)
 class ModelLoaded:
@@ -60,6 +64,8 @@ class TokenGenerated:
 
 @dataclass(frozen=True)
 class GenerationCompleted:
+    """finish_reason: a requests.FinishReason's value, or ABORTED (the wire says CANCELLED)."""
+
     model: str
     tokens_generated: int
     duration_seconds: float

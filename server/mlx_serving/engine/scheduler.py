@@ -22,6 +22,7 @@ from .config import EngineConfig
 from .detokenizer import StreamingDetokenizer
 from .errors import ModelNotFound, RequestAborted, SequenceFailed
 from .events import (
+    ABORTED,
     Event,
     GenerationCompleted,
     GenerationStarted,
@@ -42,8 +43,6 @@ log = logging.getLogger(__name__)
 # Steps with fewer tokens than this render them on the engine thread: a hand-off to the
 # rendering thread costs more than it saves.
 RENDER_THREAD_ROWS = 4
-# The finish reason events and metrics give a sequence the engine ended (unload, shutdown).
-ABORTED = "aborted"
 # A model's batch steps failing this many times in a row, each with a fresh batch generator,
 # is the engine's failure, not a request's: the engine stops.
 MAX_STEP_FAILURES = 3

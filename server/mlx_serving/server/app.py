@@ -78,6 +78,20 @@ SERVICE_NAMES = tuple(
 )
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio-health-checking's aio servicer (1.85 has Check and Watch only), with `List`."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """Every service with a status (the server's overall one under ""), as Check answers."""
+        statuses = {
+            service: health_pb2.HealthCheckResponse(status=status)
+            for service, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
 class ServingApp:
     """Owns the engine's life cycle and the gRPC server in front of it.
 
@@ -102,7 +116,7 @@ class ServingApp:
         if telemetry is not None:
             install_observer(engine, telemetry.observer)
             interceptors[:0] = telemetry.interceptors
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[

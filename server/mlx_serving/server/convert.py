@@ -45,6 +45,13 @@ FINISH_REASONS = {
     FinishReason.CONTEXT_LENGTH: generate_pb.FINISH_REASON_CONTEXT_LENGTH,
 }
 
+# GenerationCompleted.finish_reason: a FinishReason's value, ABORTED for a sequence the engine
+# ended (the contract's CANCELLED: the server stopped it), or "" where the engine gave none.
+EVENT_FINISH_REASONS = {reason.value: FINISH_REASONS[reason] for reason in FinishReason} | {
+    events.ABORTED: generate_pb.FINISH_REASON_CANCELLED,
+    "": generate_pb.FINISH_REASON_UNSPECIFIED,
+}
+
 MODEL_STATES = {
     ModelState.LOADING: model_pb.MODEL_STATE_LOADING,
     ModelState.READY: model_pb.MODEL_STATE_READY,
@@ -234,7 +241,7 @@ def event_payload_pb(payload: events.Payload) -> tuple[str, Any]:
                 tokens_generated=payload.tokens_generated,
                 duration=duration(payload.duration_seconds),
                 throughput=payload.throughput,
-                finish_reason=payload.finish_reason,
+                finish_reason=EVENT_FINISH_REASONS[payload.finish_reason],
                 metadata=metadata,
             )
         case events.ErrorOccurred():

@@ -1,11 +1,19 @@
 """Engine errors and contract violations, as gRPC statuses with google.rpc details.
 
-The one place that decides which status code an error gets. Messages of the engine's own
-errors are written for callers and go out as they are; anything else is a bug and gets a
-generic INTERNAL status that names the request id, never `str(exc)`.
+The one place that decides which status code an error gets, and what it carries. Every status
+the server sets carries a `google.rpc.ErrorInfo` first: a stable `reason` (the `Reason` below),
+the `DOMAIN`, and metadata (`request_id`, `model_id`, ... where known); then what fits the
+error: `ResourceInfo` for a model, `PreconditionFailure` for a model not ready, `BadRequest` for
+INVALID_ARGUMENT, `RetryInfo` where waiting helps. docs/ERRORS.md is the table for clients.
+
+Messages of the engine's own errors are written for callers and go out as they are; anything
+else is a bug and gets a generic INTERNAL status that names the request id, never `str(exc)`.
+Everything travels in trailers, which clients cap (8 to 16 KB): lists are bounded and texts
+clipped.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -25,28 +33,75 @@ from mlx_serving.engine.errors import (
     ModelSourceNotFound,
     RequestAborted,
     SequenceFailed,
+    ShuttingDown,
+    TokenizeOverloaded,
 )
 
-# Looked up along the exception's MRO, so a subclass inherits its base's code.
+# ErrorInfo.domain of every error this server sends.
+DOMAIN = "mlx-serving"
+
+
+class Reason(StrEnum):
+    """ErrorInfo.reason: stable, for clients to branch on (the status message is for people)."""
+
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    MODEL_ALREADY_LOADED = "MODEL_ALREADY_LOADED"
+    MODEL_NOT_READY = "MODEL_NOT_READY"
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    MODEL_SOURCE_NOT_FOUND = "MODEL_SOURCE_NOT_FOUND"
+    CONTRACT_VIOLATION = "CONTRACT_VIOLATION"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+    RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
+    ENGINE_OVERLOADED = "ENGINE_OVERLOADED"
+    TOKENIZE_OVERLOADED = "TOKENIZE_OVERLOADED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
+    REQUEST_ABORTED = "REQUEST_ABORTED"
+    SEQUENCE_FAILED = "SEQUENCE_FAILED"
+    INTERNAL = "INTERNAL"
+    SERVICE_NOT_FOUND = "SERVICE_NOT_FOUND"
+
+
+# Looked up along the exception's MRO, so a subclass inherits its base's code and reason
+# unless it has its own.
 # A missing model directory or uncached repository is NOT_FOUND; any other load failure
 # (bad config, unsupported architecture) is FAILED_PRECONDITION.
 # RequestAborted is UNAVAILABLE, as the contract says for generations ended by an unload;
 # both it and a draining engine are worth retrying elsewhere.
-CODES: dict[type[EngineError], int] = {
-    ModelNotFound: code_pb2.NOT_FOUND,
-    ModelAlreadyExists: code_pb2.ALREADY_EXISTS,
-    ModelNotReady: code_pb2.FAILED_PRECONDITION,
-    ModelLoadFailed: code_pb2.FAILED_PRECONDITION,
-    ModelSourceNotFound: code_pb2.NOT_FOUND,
-    EngineUnavailable: code_pb2.UNAVAILABLE,
-    RequestAborted: code_pb2.UNAVAILABLE,
-    SequenceFailed: code_pb2.INTERNAL,
+ENGINE_ERRORS: dict[type[EngineError], tuple[int, Reason]] = {
+    ModelNotFound: (code_pb2.NOT_FOUND, Reason.MODEL_NOT_FOUND),
+    ModelAlreadyExists: (code_pb2.ALREADY_EXISTS, Reason.MODEL_ALREADY_LOADED),
+    ModelNotReady: (code_pb2.FAILED_PRECONDITION, Reason.MODEL_NOT_READY),
+    ModelLoadFailed: (code_pb2.FAILED_PRECONDITION, Reason.MODEL_LOAD_FAILED),
+    ModelSourceNotFound: (code_pb2.NOT_FOUND, Reason.MODEL_SOURCE_NOT_FOUND),
+    InvalidRequest: (code_pb2.INVALID_ARGUMENT, Reason.INVALID_REQUEST),
+    EngineOverloaded: (code_pb2.RESOURCE_EXHAUSTED, Reason.ENGINE_OVERLOADED),
+    TokenizeOverloaded: (code_pb2.RESOURCE_EXHAUSTED, Reason.TOKENIZE_OVERLOADED),
+    EngineUnavailable: (code_pb2.UNAVAILABLE, Reason.ENGINE_UNAVAILABLE),
+    ShuttingDown: (code_pb2.UNAVAILABLE, Reason.SHUTTING_DOWN),
+    RequestAborted: (code_pb2.UNAVAILABLE, Reason.REQUEST_ABORTED),
+    SequenceFailed: (code_pb2.INTERNAL, Reason.SEQUENCE_FAILED),
 }
+
+# ResourceInfo.description of an error about a model.
+MODEL_PROBLEMS = {
+    Reason.MODEL_NOT_FOUND: "not loaded",
+    Reason.MODEL_ALREADY_LOADED: "already loaded",
+    Reason.MODEL_NOT_READY: "not ready",
+    Reason.MODEL_LOAD_FAILED: "failed to load",
+    Reason.MODEL_SOURCE_NOT_FOUND: "no model at its source",
+}
+MODEL_RESOURCE = "model"
+# PreconditionFailure.Violation.type of a model that is not ready (its subject: the model id).
+MODEL_STATE_PRECONDITION = "MODEL_STATE"
 
 # Violations the status message names (the BadRequest detail lists up to MAX_VIOLATIONS).
 SUMMARY_VIOLATIONS = 3
-# A field path or description longer than this is clipped.
+# A field path, description or metadata value longer than this is clipped.
 MAX_DETAIL_CHARS = 160
+
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 
 
 def make_status(code: int, message: str, *details) -> grpc.Status:
@@ -59,8 +114,30 @@ def make_status(code: int, message: str, *details) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
 
 
+def error_info(reason: Reason | str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    """ErrorInfo in our domain; metadata keys are the contract's field names, empty values left
+    out, long ones clipped."""
+    kept = {key: clip(value) for key, value in metadata.items() if value}
+    return error_details_pb2.ErrorInfo(reason=str(reason), domain=DOMAIN, metadata=kept)
+
+
+def error_status(code: int, message: str, reason: Reason | str, *details, **metadata: str):
+    """A status with ErrorInfo(reason, metadata) first, then `details`."""
+    return make_status(code, message, error_info(reason, **metadata), *details)
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
 def invalid_argument(
-    violations: Iterable[tuple[str, str]], what: str, more: int = 0
+    violations: Iterable[tuple[str, str]],
+    what: str,
+    more: int = 0,
+    reason: Reason = Reason.CONTRACT_VIOLATION,
+    metadata: Mapping[str, str] | None = None,
 ) -> grpc.Status:
     """INVALID_ARGUMENT with a BadRequest.FieldViolation per (field path, description).
 
@@ -83,34 +160,92 @@ def invalid_argument(
     if len(named) > SUMMARY_VIOLATIONS:
         named[SUMMARY_VIOLATIONS:] = [f"and {len(named) - SUMMARY_VIOLATIONS} more"]
     summary = "; ".join(named)
-    return make_status(code_pb2.INVALID_ARGUMENT, f"invalid {what}: {summary}", bad_request)
+    message = f"invalid {what}: {summary}"
+    return error_status(code_pb2.INVALID_ARGUMENT, message, reason, bad_request, **(metadata or {}))
 
 
 def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def response_too_large(size: int, limit: int) -> grpc.Status:
+def malformed_message(method: str, metadata: Mapping[str, str] | None = None) -> grpc.Status:
+    """INVALID_ARGUMENT for request bytes that are not the method's message."""
+    problem = ("", "the message could not be parsed")
+    return invalid_argument([problem], f"{method} request", 0, Reason.MALFORMED_MESSAGE, metadata)
+
+
+def response_too_large(
+    size: int, limit: int, metadata: Mapping[str, str] | None = None
+) -> grpc.Status:
     """INVALID_ARGUMENT, not RESOURCE_EXHAUSTED (which clients retry): the same request would
     get the same answer."""
     problem = f"the response would be {size} bytes, over this server's limit of {limit}"
-    return invalid_argument([("", problem + "; ask for less")], "request")
+    return invalid_argument(
+        [("", problem + "; ask for less")],
+        "request",
+        0,
+        Reason.RESPONSE_TOO_LARGE,
+        {**(metadata or {}), "response_bytes": str(size), "max_response_bytes": str(limit)},
+    )
 
 
-def status_for(exc: EngineError) -> grpc.Status | None:
-    """The status of an error the engine raised on purpose; None if it has no mapping (a bug)."""
+def status_for(exc: EngineError, request_id: str = "", model_id: str = "") -> grpc.Status | None:
+    """The status of an error the engine raised on purpose; None if it has no mapping (a bug).
+
+    `model_id`: the request's, for errors that do not name a model of their own.
+    """
+    mapped = next((ENGINE_ERRORS[c] for c in type(exc).__mro__ if c in ENGINE_ERRORS), None)
+    if mapped is None:
+        return None
+    code, reason = mapped
+    own_model = getattr(exc, "model_id", "")
+    metadata = {"request_id": request_id, "model_id": own_model or model_id}
     if isinstance(exc, InvalidRequest):
         violations = ((v.field, v.description) for v in exc.violations)
-        return invalid_argument(violations, "request", exc.more)
-    if isinstance(exc, EngineOverloaded):
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(round(exc.retry_after * 1e9))
-        retry = error_details_pb2.RetryInfo(retry_delay=delay)
-        return make_status(code_pb2.RESOURCE_EXHAUSTED, str(exc), retry)
-    code = next((CODES[cls] for cls in type(exc).__mro__ if cls in CODES), None)
-    return None if code is None else make_status(code, str(exc))
+        return invalid_argument(violations, "request", exc.more, reason, metadata)
+    details: list = []
+    if isinstance(exc, ModelNotReady):
+        metadata["state"] = exc.state
+        precondition = error_details_pb2.PreconditionFailure.Violation(
+            type=MODEL_STATE_PRECONDITION,
+            subject=clip(exc.model_id),
+            description=clip(f"the model is {exc.state}; wait until it is ready"),
+        )
+        details.append(error_details_pb2.PreconditionFailure(violations=[precondition]))
+    if own_model and reason in MODEL_PROBLEMS:
+        resource = error_details_pb2.ResourceInfo(
+            resource_type=MODEL_RESOURCE,
+            resource_name=clip(own_model),
+            description=MODEL_PROBLEMS[reason],
+        )
+        details.insert(0, resource)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        details.append(retry_info(retry_after))
+    return error_status(code, str(exc), reason, *details, **metadata)
 
 
-def internal_error(request_id: str) -> grpc.Status:
+def internal_error(
+    request_id: str, reason: Reason = Reason.INTERNAL, **metadata: str
+) -> grpc.Status:
     """For bugs: says nothing about the cause, only where to look in the server's log."""
-    return make_status(code_pb2.INTERNAL, f"internal error (request id {request_id})")
+    message = f"internal error (request id {request_id})"
+    return error_status(code_pb2.INTERNAL, message, reason, request_id=request_id, **metadata)
+
+
+def aborted(
+    code: grpc.StatusCode, message: str, method: str, request, request_id: str
+) -> grpc.Status:
+    """The status a handler not ours (grpc's health service) aborted with, given its details:
+    an unknown service to Check is SERVICE_NOT_FOUND; any other abort's reason is its code's
+    name."""
+    if method == HEALTH_CHECK_METHOD and code is grpc.StatusCode.NOT_FOUND:
+        service = clip(getattr(request, "service", ""))
+        resource = error_details_pb2.ResourceInfo(
+            resource_type="service", resource_name=service, description="unknown to health"
+        )
+        message = message or f"unknown service {service!r}"
+        return error_status(
+            code.value[0], message, Reason.SERVICE_NOT_FOUND, resource, request_id=request_id
+        )
+    return error_status(code.value[0], clip(message, 1000), code.name, request_id=request_id)

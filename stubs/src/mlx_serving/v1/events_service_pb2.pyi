@@ -207,9 +207,9 @@ class GenerationCompleted(_message.Message):
     tokens_generated: int
     duration: _duration_pb2.Duration
     throughput: float
-    finish_reason: str
+    finish_reason: _generate_service_pb2.FinishReason
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., throughput: _Optional[float] = ..., finish_reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., throughput: _Optional[float] = ..., finish_reason: _Optional[_Union[_generate_service_pb2.FinishReason, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("error", "code", "model", "metadata")
