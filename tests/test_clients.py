@@ -33,6 +33,12 @@ LANGUAGES = {
 }
 
 
+def toolchain_env() -> dict[str, str]:
+    """This environment without LD_PRELOAD: the OpenBLAS that .ci/run preloads for MLX starts
+    threads in every process it enters, and the JVM's and Node's crash on it."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def require(*tools: str) -> None:
     for tool in tools:
         if shutil.which(tool) is None:
@@ -53,6 +59,7 @@ def build(language: str) -> None:
         ["bash", str(CLIENTS / "build.sh"), language],
         capture_output=True,
         text=True,
+        env=toolchain_env(),
         timeout=BUILD_SECONDS,
     )
     assert done.returncode == 0, f"clients/build.sh {language} failed:\n{done.stdout}{done.stderr}"
@@ -76,6 +83,7 @@ def test_client(language: str, address: str) -> None:
         capture_output=True,
         text=True,
         errors="replace",  # the random-weight model's text is not always valid UTF-8 in pieces
+        env=toolchain_env(),
         timeout=RUN_SECONDS,
     )
     output = done.stdout
@@ -110,7 +118,7 @@ def test_client(language: str, address: str) -> None:
 def test_go_code_is_current(tmp_path: Path) -> None:
     """clients/go/gen is what clients/go/generate.sh makes from proto/ now."""
     require("go")
-    env = {**os.environ, "PROTOC": f"{sys.executable} -m grpc_tools.protoc"}
+    env = {**toolchain_env(), "PROTOC": f"{sys.executable} -m grpc_tools.protoc"}
     done = subprocess.run(
         ["bash", str(CLIENTS / "go" / "generate.sh"), str(tmp_path)],
         capture_output=True,
