@@ -45,7 +45,7 @@ def bystander() -> generate_pb.GenerateRequest:
 
 async def health_latency(channel, rounds: int = 10) -> float:
     """The second slowest of `rounds` health checks, a few ms apart; the slowest must still be
-    under half a second. One check may meet a pause of the shared 2-core test machine's."""
+    under half a second: on a shared 2-core machine one check may meet a pause of the host's."""
     stub = health_pb2_grpc.HealthStub(channel)
     times = []
     for _ in range(rounds):

@@ -318,7 +318,9 @@ class Scheduler:
         else:
             slot.failures = 0
         finally:
-            faults, self._faults[:] = list(self._faults), []
+            # Emptied in place: every sequence's `guarded` closures hold this very list.
+            faults = self._faults.copy()
+            self._faults.clear()
         for sequence, exc in faults:
             if self.sequences.get(sequence.rid) is sequence:
                 self._fail_sequence(slot, sequence, exc)
