@@ -8,9 +8,45 @@ DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of a tool: by the model (parsed from its output) or in a conversation's history."""
+
+    id: str
+    name: str
+    # JSON text.
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str = ""
+    # The JSON schema of the arguments, as JSON text; empty for none.
+    parameters: str = ""
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    # A tool result's call id and tool name.
+    tool_call_id: str = ""
+    name: str = ""
+
+
+# ToolChoice modes; any other value of GenerationRequest.tool_choice names a tool.
+TOOL_CHOICE_AUTO = "auto"
+TOOL_CHOICE_NONE = "none"
+TOOL_CHOICE_REQUIRED = "required"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must be. `kind` names the GenerateRequest field it came from."""
+
+    kind: str  # "json_schema", "json_object", "regex", "grammar" or "choice"
+    value: str | tuple[str, ...] = ""
 
 
 DEFAULT_PENALTY_CONTEXT = 64
@@ -59,6 +95,25 @@ class GenerationRequest:
     request_id: str = ""
     # Caller's labels, echoed in this request's events.
     metadata: tuple[tuple[str, str], ...] = ()
+    # Chat only: tools for the template, whether/which one must be called, template kwargs.
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = TOOL_CHOICE_AUTO
+    template_kwargs: dict = field(default_factory=dict)
+    constraint: Constraint | None = None
+    # Return each token's logprob, with this many alternatives (logprobs is implied by > 0).
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # Return the prompt's logprobs with this many alternatives; None: not at all.
+    prompt_logprobs: int | None = None
+    client_request_id: str = ""
+    # Samples of the same prompt.
+    n: int = 1
+    # EOS and stop token ids cannot end the output before this many tokens.
+    min_tokens: int = 0
+    # Keep this many last prompt tokens of a longer prompt instead of refusing it.
+    truncate_prompt_tokens: int | None = None
+    # Seconds after which the generation ends (FinishReason.TIME_LIMIT).
+    time_limit: float | None = None
 
 
 class FinishReason(enum.Enum):
@@ -67,6 +122,8 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
     CANCELLED = "cancelled"
     CONTEXT_LENGTH = "context_length"
+    TIME_LIMIT = "time_limit"
+    STRUCTURE_INCOMPLETE = "structure_incomplete"
 
 
 @dataclass(frozen=True)
@@ -92,3 +149,21 @@ class GenerationChunk:
     usage: Usage | None = None
     # The stop string or stop token text that ended the generation.
     matched_stop: str = ""
+    # With logprobs: one per token of token_ids.
+    logprobs: tuple["TokenLogprobs", ...] = ()
+    # With prompt_logprobs: one per prompt token after the first (first chunk of sample 0).
+    prompt_logprobs: tuple["TokenLogprobs", ...] = ()
+    # Which sample of the request (0 to n-1).
+    index: int = 0
+    # The seed this sample's random state started from (its first chunk only).
+    seed: int | None = None
+    # Parsed from the output of a request with tools (its last chunk only).
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's logprob and its most likely alternatives, each (id, text, logprob)."""
+
+    token: tuple[int, str, float]
+    top: tuple[tuple[int, str, float], ...] = ()

@@ -8,16 +8,23 @@ import dataclasses
 import math
 from typing import Any
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from mlx_serving.engine import events
 from mlx_serving.engine.models import ModelInfo, ModelSource, ModelState, Quantization
 from mlx_serving.engine.requests import (
+    TOOL_CHOICE_AUTO,
+    TOOL_CHOICE_NONE,
+    TOOL_CHOICE_REQUIRED,
     ChatMessage,
+    Constraint,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
     SamplingParams,
+    TokenLogprobs,
+    Tool,
+    ToolCall,
     Usage,
 )
 from mlx_serving.v1 import events_service_pb2 as events_pb
@@ -43,6 +50,15 @@ FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: generate_pb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.CANCELLED: generate_pb.FINISH_REASON_CANCELLED,
     FinishReason.CONTEXT_LENGTH: generate_pb.FINISH_REASON_CONTEXT_LENGTH,
+    FinishReason.TIME_LIMIT: generate_pb.FINISH_REASON_TIME_LIMIT,
+    FinishReason.STRUCTURE_INCOMPLETE: generate_pb.FINISH_REASON_STRUCTURE_INCOMPLETE,
+}
+
+TOOL_CHOICE_MODES = {
+    generate_pb.TOOL_CHOICE_MODE_UNSPECIFIED: TOOL_CHOICE_AUTO,
+    generate_pb.TOOL_CHOICE_MODE_AUTO: TOOL_CHOICE_AUTO,
+    generate_pb.TOOL_CHOICE_MODE_NONE: TOOL_CHOICE_NONE,
+    generate_pb.TOOL_CHOICE_MODE_REQUIRED: TOOL_CHOICE_REQUIRED,
 }
 
 # GenerationCompleted.finish_reason: a FinishReason's value, ABORTED for a sequence the engine
@@ -103,10 +119,13 @@ def duration(seconds: float) -> duration_pb2.Duration:
 def generation_request(request: generate_pb.GenerateRequest, request_id: str) -> GenerationRequest:
     prompt = request.WhichOneof("prompt")
     options: dict[str, Any] = {}
-    if request.HasField("max_tokens"):
-        options["max_tokens"] = request.max_tokens
-    if prompt == "chat" and request.chat.HasField("add_generation_prompt"):
-        options["add_generation_prompt"] = request.chat.add_generation_prompt
+    for name in ("max_tokens", "prompt_logprobs", "n", "truncate_prompt_tokens"):
+        if request.HasField(name):
+            options[name] = getattr(request, name)
+    if request.HasField("time_limit"):
+        options["time_limit"] = request.time_limit.ToNanoseconds() / 1e9
+    if prompt == "chat":
+        options |= chat_options(request.chat)
     return GenerationRequest(
         model_id=request.model_id,
         text=request.text if prompt == "text" else None,
@@ -120,12 +139,59 @@ def generation_request(request: generate_pb.GenerateRequest, request_id: str) ->
         include_special_tokens=request.include_special_tokens,
         request_id=request_id,
         metadata=tuple(sorted(request.metadata.items())),
+        constraint=constraint(request),
+        logprobs=request.logprobs or request.top_logprobs > 0,
+        top_logprobs=request.top_logprobs,
+        client_request_id=request.client_request_id,
+        min_tokens=request.min_tokens,
         **options,
     )
 
 
+def constraint(request: generate_pb.GenerateRequest) -> Constraint | None:
+    kind = request.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return Constraint(kind)
+    if kind == "choice":
+        return Constraint(kind, tuple(request.choice.choices))
+    return Constraint(kind, getattr(request, kind))
+
+
+def chat_options(chat: generate_pb.ChatPrompt) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if chat.HasField("add_generation_prompt"):
+        options["add_generation_prompt"] = chat.add_generation_prompt
+    if chat.tools:
+        options["tools"] = tuple(
+            Tool(tool.name, tool.description, tool.parameters) for tool in chat.tools
+        )
+    choice = chat.tool_choice.WhichOneof("choice")
+    if choice == "mode":
+        options["tool_choice"] = TOOL_CHOICE_MODES[chat.tool_choice.mode]
+    elif choice == "tool":
+        options["tool_choice"] = chat.tool_choice.tool
+    if chat.HasField("template_kwargs"):
+        options["template_kwargs"] = json_format.MessageToDict(chat.template_kwargs)
+    return options
+
+
 def chat_messages(chat: generate_pb.ChatPrompt) -> tuple[ChatMessage, ...]:
-    return tuple(ChatMessage(role=m.role, content=m.content) for m in chat.messages)
+    return tuple(
+        ChatMessage(
+            role=m.role,
+            content=m.content,
+            tool_calls=tuple(tool_call(call) for call in m.tool_calls),
+            tool_call_id=m.tool_call_id,
+            name=m.name,
+        )
+        for m in chat.messages
+    )
+
+
+def tool_call(call: generate_pb.ToolCall) -> ToolCall:
+    return ToolCall(call.id, call.name, call.arguments)
 
 
 def sampling_params(request: generate_pb.GenerateRequest) -> SamplingParams:
@@ -133,7 +199,9 @@ def sampling_params(request: generate_pb.GenerateRequest) -> SamplingParams:
     return SamplingParams(**chosen, logit_bias=tuple(sorted(request.logit_bias.items())))
 
 
-def generate_response(chunk: GenerationChunk, request_id: str) -> generate_pb.GenerateResponse:
+def generate_response(
+    chunk: GenerationChunk, request_id: str, client_request_id: str = ""
+) -> generate_pb.GenerateResponse:
     return generate_pb.GenerateResponse(
         request_id=request_id,
         text=chunk.text,
@@ -141,7 +209,28 @@ def generate_response(chunk: GenerationChunk, request_id: str) -> generate_pb.Ge
         finish_reason=FINISH_REASONS[chunk.finish_reason] if chunk.finish_reason else None,
         usage=usage(chunk.usage) if chunk.usage else None,
         matched_stop=chunk.matched_stop,
+        logprobs=[logprobs_pb(entry) for entry in chunk.logprobs],
+        prompt_logprobs=[logprobs_pb(entry) for entry in chunk.prompt_logprobs],
+        index=chunk.index,
+        seed=chunk.seed,
+        client_request_id=client_request_id,
+        tool_calls=[tool_call_pb(call) for call in chunk.tool_calls],
     )
+
+
+def logprobs_pb(entry: TokenLogprobs) -> generate_pb.Logprobs:
+    return generate_pb.Logprobs(
+        token=token_logprob_pb(entry.token), top=[token_logprob_pb(t) for t in entry.top]
+    )
+
+
+def token_logprob_pb(token: tuple[int, str, float]) -> generate_pb.TokenLogprob:
+    token_id, text, logprob = token
+    return generate_pb.TokenLogprob(token_id=token_id, text=text, logprob=logprob)
+
+
+def tool_call_pb(call: ToolCall) -> generate_pb.ToolCall:
+    return generate_pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
 
 
 def usage(used: Usage) -> generate_pb.Usage:

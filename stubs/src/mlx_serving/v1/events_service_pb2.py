@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mlx_serving.v1 import generate_service_pb2 as mlx__serving_dot_v1_dot_generate__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#mlx_serving/v1/events_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%mlx_serving/v1/generate_service.proto\"u\n\x10SubscribeRequest\x12;\n\x05types\x18\x01 \x03(\x0e\x32\x19.mlx_serving.v1.EventTypeB\x11\xbaH\x0e\x92\x01\x0b\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12$\n\tmodel_ids\x18\x02 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x10\x64\"\x07r\x05\x10\x01\x18\x80\x01\"Q\n\x11SubscribeResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.mlx_serving.v1.Event\x12\x16\n\x0e\x64ropped_events\x18\x02 \x01(\x04\"\xae\x04\n\x05\x45vent\x12\x30\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x33\n\x0cmodel_loaded\x18\n \x01(\x0b\x32\x1b.mlx_serving.v1.ModelLoadedH\x00\x12\x37\n\x0emodel_unloaded\x18\x0b \x01(\x0b\x32\x1d.mlx_serving.v1.ModelUnloadedH\x00\x12=\n\x11model_invalidated\x18\x0c \x01(\x0b\x32 .mlx_serving.v1.ModelInvalidatedH\x00\x12?\n\x12generation_started\x18\r \x01(\x0b\x32!.mlx_serving.v1.GenerationStartedH\x00\x12\x39\n\x0ftoken_generated\x18\x0e \x01(\x0b\x32\x1e.mlx_serving.v1.TokenGeneratedH\x00\x12\x43\n\x14generation_completed\x18\x0f \x01(\x0b\x32#.mlx_serving.v1.GenerationCompletedH\x00\x12&\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x15.mlx_serving.v1.ErrorH\x00\x12\x37\n\x0eruntime_status\x18\x11 \x01(\x0b\x32\x1d.mlx_serving.v1.RuntimeStatusH\x00\x42\x10\n\x07payload\x12\x05\xbaH\x02\x08\x01\"\xe4\x01\n\x0bModelLoaded\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x1b\n\nmodel_path\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x12\n\nparameters\x18\x04 \x01(\x04\x12\x45\n\x08metadata\x18\x05 \x03(\x0b\x32).mlx_serving.v1.ModelLoaded.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\rModelUnloaded\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12G\n\x08metadata\x18\x03 \x03(\x0b\x32+.mlx_serving.v1.ModelUnloaded.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x01\n\x10ModelInvalidated\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12J\n\x08metadata\x18\x03 \x03(\x0b\x32..mlx_serving.v1.ModelInvalidated.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x02\n\x11GenerationStarted\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.mlx_serving.v1.ChatPromptH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.mlx_serving.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12K\n\x08metadata\x18\x06 \x03(\x0b\x32/.mlx_serving.v1.GenerationStarted.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\x06prompt\x12\x05\xbaH\x02\x08\x01\x42\r\n\x0b_max_tokens\"\xa6\x02\n\x0eTokenGenerated\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x1a\n\x05token\x18\x02 \x01(\tB\x06\xbaH\x03\xc8\x01\x01H\x00\x88\x01\x01\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12$\n\x07logprob\x18\x04 \x01(\x01\x42\x0e\xbaH\x0b\x12\t\x19\x00\x00\x00\x00\x00\x00\x00\x00H\x01\x88\x01\x01\x12\x17\n\x0f\x65nd_of_sequence\x18\x05 \x01(\x08\x12H\n\x08metadata\x18\x06 \x03(\x0b\x32,.mlx_serving.v1.TokenGenerated.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_tokenB\n\n\x08_logprob\"\x95\x03\n\x13GenerationCompleted\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12%\n\x10tokens_generated\x18\x02 \x01(\rB\x06\xbaH\x03\xc8\x01\x01H\x00\x88\x01\x01\x12\x33\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x06\xbaH\x03\xc8\x01\x01\x12\'\n\nthroughput\x18\x04 \x01(\x01\x42\x0e\xbaH\x0b\x12\t)\x00\x00\x00\x00\x00\x00\x00\x00H\x01\x88\x01\x01\x12=\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.mlx_serving.v1.FinishReasonB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12M\n\x08metadata\x18\x06 \x03(\x0b\x32\x31.mlx_serving.v1.GenerationCompleted.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_tokens_generatedB\r\n\x0b_throughput\"\xae\x01\n\x05\x45rror\x12\x16\n\x05\x65rror\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12?\n\x08metadata\x18\x04 \x03(\x0b\x32#.mlx_serving.v1.Error.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x02\n\rRuntimeStatus\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32\x1c.mlx_serving.v1.RuntimeStateB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\"\n\rmodels_loaded\x18\x02 \x01(\rB\x06\xbaH\x03\xc8\x01\x01H\x00\x88\x01\x01\x12\x19\n\x0c\x61\x63tive_tasks\x18\x03 \x01(\rH\x01\x88\x01\x01\x12G\n\x08metadata\x18\x04 \x03(\x0b\x32+.mlx_serving.v1.RuntimeStatus.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_models_loadedB\x0f\n\r_active_tasks*\xa2\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_TYPE_MODEL_LOADED\x10\x01\x12\x1d\n\x19\x45VENT_TYPE_MODEL_UNLOADED\x10\x02\x12!\n\x1d\x45VENT_TYPE_GENERATION_STARTED\x10\x03\x12#\n\x1f\x45VENT_TYPE_GENERATION_COMPLETED\x10\x04\x12\x14\n\x10\x45VENT_TYPE_ERROR\x10\x05\x12 \n\x1c\x45VENT_TYPE_MODEL_INVALIDATED\x10\x06\x12\x1e\n\x1a\x45VENT_TYPE_TOKEN_GENERATED\x10\x07\x12\x1d\n\x19\x45VENT_TYPE_RUNTIME_STATUS\x10\x08*\x93\x01\n\x0cRuntimeState\x12\x1d\n\x19RUNTIME_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13RUNTIME_STATE_READY\x10\x01\x12\x16\n\x12RUNTIME_STATE_BUSY\x10\x02\x12\x17\n\x13RUNTIME_STATE_ERROR\x10\x03\x12\x1a\n\x16RUNTIME_STATE_SHUTDOWN\x10\x04\x32\x63\n\rEventsService\x12R\n\tSubscribe\x12 .mlx_serving.v1.SubscribeRequest\x1a!.mlx_serving.v1.SubscribeResponse0\x01\x42\x85\x01\n\x11\x64\x65v.mlxserving.v1B\x12\x45ventsServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#mlx_serving/v1/events_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%mlx_serving/v1/generate_service.proto\"u\n\x10SubscribeRequest\x12;\n\x05types\x18\x01 \x03(\x0e\x32\x19.mlx_serving.v1.EventTypeB\x11\xbaH\x0e\x92\x01\x0b\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12$\n\tmodel_ids\x18\x02 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x10\x64\"\x07r\x05\x10\x01\x18\x80\x01\"Q\n\x11SubscribeResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.mlx_serving.v1.Event\x12\x16\n\x0e\x64ropped_events\x18\x02 \x01(\x04\"\xc9\x04\n\x05\x45vent\x12\x30\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x03 \x01(\t\x12\x33\n\x0cmodel_loaded\x18\n \x01(\x0b\x32\x1b.mlx_serving.v1.ModelLoadedH\x00\x12\x37\n\x0emodel_unloaded\x18\x0b \x01(\x0b\x32\x1d.mlx_serving.v1.ModelUnloadedH\x00\x12=\n\x11model_invalidated\x18\x0c \x01(\x0b\x32 .mlx_serving.v1.ModelInvalidatedH\x00\x12?\n\x12generation_started\x18\r \x01(\x0b\x32!.mlx_serving.v1.GenerationStartedH\x00\x12\x39\n\x0ftoken_generated\x18\x0e \x01(\x0b\x32\x1e.mlx_serving.v1.TokenGeneratedH\x00\x12\x43\n\x14generation_completed\x18\x0f \x01(\x0b\x32#.mlx_serving.v1.GenerationCompletedH\x00\x12&\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x15.mlx_serving.v1.ErrorH\x00\x12\x37\n\x0eruntime_status\x18\x11 \x01(\x0b\x32\x1d.mlx_serving.v1.RuntimeStatusH\x00\x42\x10\n\x07payload\x12\x05\xbaH\x02\x08\x01\"\xe4\x01\n\x0bModelLoaded\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x1b\n\nmodel_path\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x12\n\nparameters\x18\x04 \x01(\x04\x12\x45\n\x08metadata\x18\x05 \x03(\x0b\x32).mlx_serving.v1.ModelLoaded.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\rModelUnloaded\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12G\n\x08metadata\x18\x03 \x03(\x0b\x32+.mlx_serving.v1.ModelUnloaded.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x01\n\x10ModelInvalidated\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12J\n\x08metadata\x18\x03 \x03(\x0b\x32..mlx_serving.v1.ModelInvalidated.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x02\n\x11GenerationStarted\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.mlx_serving.v1.ChatPromptH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.mlx_serving.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12K\n\x08metadata\x18\x06 \x03(\x0b\x32/.mlx_serving.v1.GenerationStarted.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\x06prompt\x12\x05\xbaH\x02\x08\x01\x42\r\n\x0b_max_tokens\"\xa6\x02\n\x0eTokenGenerated\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x1a\n\x05token\x18\x02 \x01(\tB\x06\xbaH\x03\xc8\x01\x01H\x00\x88\x01\x01\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12$\n\x07logprob\x18\x04 \x01(\x01\x42\x0e\xbaH\x0b\x12\t\x19\x00\x00\x00\x00\x00\x00\x00\x00H\x01\x88\x01\x01\x12\x17\n\x0f\x65nd_of_sequence\x18\x05 \x01(\x08\x12H\n\x08metadata\x18\x06 \x03(\x0b\x32,.mlx_serving.v1.TokenGenerated.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_tokenB\n\n\x08_logprob\"\x95\x03\n\x13GenerationCompleted\x12\x16\n\x05model\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12%\n\x10tokens_generated\x18\x02 \x01(\rB\x06\xbaH\x03\xc8\x01\x01H\x00\x88\x01\x01\x12\x33\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x06\xbaH\x03\xc8\x01\x01\x12\'\n\nthroughput\x18\x04 \x01(\x01\x42\x0e\xbaH\x0b\x12\t)\x00\x00\x00\x00\x00\x00\x00\x00H\x01\x88\x01\x01\x12=\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.mlx_serving.v1.FinishReasonB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12M\n\x08metadata\x18\x06 \x03(\x0b\x32\x31.mlx_serving.v1.GenerationCompleted.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_tokens_generatedB\r\n\x0b_throughput\"\xae\x01\n\x05\x45rror\x12\x16\n\x05\x65rror\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12?\n\x08metadata\x18\x04 \x03(\x0b\x32#.mlx_serving.v1.Error.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x02\n\rRuntimeStatus\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32\x1c.mlx_serving.v1.RuntimeStateB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\"\n\rmodels_loaded\x18\x02 \x01(\rB\x06\xbaH\x03\xc8\x01\x01H\x00\x88\x01\x01\x12\x19\n\x0c\x61\x63tive_tasks\x18\x03 \x01(\rH\x01\x88\x01\x01\x12G\n\x08metadata\x18\x04 \x03(\x0b\x32+.mlx_serving.v1.RuntimeStatus.MetadataEntryB\x08\xbaH\x05\x9a\x01\x02\x10@\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_models_loadedB\x0f\n\r_active_tasks*\xa2\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_TYPE_MODEL_LOADED\x10\x01\x12\x1d\n\x19\x45VENT_TYPE_MODEL_UNLOADED\x10\x02\x12!\n\x1d\x45VENT_TYPE_GENERATION_STARTED\x10\x03\x12#\n\x1f\x45VENT_TYPE_GENERATION_COMPLETED\x10\x04\x12\x14\n\x10\x45VENT_TYPE_ERROR\x10\x05\x12 \n\x1c\x45VENT_TYPE_MODEL_INVALIDATED\x10\x06\x12\x1e\n\x1a\x45VENT_TYPE_TOKEN_GENERATED\x10\x07\x12\x1d\n\x19\x45VENT_TYPE_RUNTIME_STATUS\x10\x08*\x93\x01\n\x0cRuntimeState\x12\x1d\n\x19RUNTIME_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13RUNTIME_STATE_READY\x10\x01\x12\x16\n\x12RUNTIME_STATE_BUSY\x10\x02\x12\x17\n\x13RUNTIME_STATE_ERROR\x10\x03\x12\x1a\n\x16RUNTIME_STATE_SHUTDOWN\x10\x04\x32\x63\n\rEventsService\x12R\n\tSubscribe\x12 .mlx_serving.v1.SubscribeRequest\x1a!.mlx_serving.v1.SubscribeResponse0\x01\x42\x85\x01\n\x11\x64\x65v.mlxserving.v1B\x12\x45ventsServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -112,48 +112,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNTIMESTATUS'].fields_by_name['models_loaded']._serialized_options = b'\272H\003\310\001\001'
   _globals['_RUNTIMESTATUS'].fields_by_name['metadata']._loaded_options = None
   _globals['_RUNTIMESTATUS'].fields_by_name['metadata']._serialized_options = b'\272H\005\232\001\002\020@'
-  _globals['_EVENTTYPE']._serialized_start=3069
-  _globals['_EVENTTYPE']._serialized_end=3359
-  _globals['_RUNTIMESTATE']._serialized_start=3362
-  _globals['_RUNTIMESTATE']._serialized_end=3509
+  _globals['_EVENTTYPE']._serialized_start=3096
+  _globals['_EVENTTYPE']._serialized_end=3386
+  _globals['_RUNTIMESTATE']._serialized_start=3389
+  _globals['_RUNTIMESTATE']._serialized_end=3536
   _globals['_SUBSCRIBEREQUEST']._serialized_start=188
   _globals['_SUBSCRIBEREQUEST']._serialized_end=305
   _globals['_SUBSCRIBERESPONSE']._serialized_start=307
   _globals['_SUBSCRIBERESPONSE']._serialized_end=388
   _globals['_EVENT']._serialized_start=391
-  _globals['_EVENT']._serialized_end=949
-  _globals['_MODELLOADED']._serialized_start=952
-  _globals['_MODELLOADED']._serialized_end=1180
-  _globals['_MODELLOADED_METADATAENTRY']._serialized_start=1133
-  _globals['_MODELLOADED_METADATAENTRY']._serialized_end=1180
-  _globals['_MODELUNLOADED']._serialized_start=1183
-  _globals['_MODELUNLOADED']._serialized_end=1360
-  _globals['_MODELUNLOADED_METADATAENTRY']._serialized_start=1133
-  _globals['_MODELUNLOADED_METADATAENTRY']._serialized_end=1180
-  _globals['_MODELINVALIDATED']._serialized_start=1363
-  _globals['_MODELINVALIDATED']._serialized_end=1555
-  _globals['_MODELINVALIDATED_METADATAENTRY']._serialized_start=1133
-  _globals['_MODELINVALIDATED_METADATAENTRY']._serialized_end=1180
-  _globals['_GENERATIONSTARTED']._serialized_start=1558
-  _globals['_GENERATIONSTARTED']._serialized_end=1888
-  _globals['_GENERATIONSTARTED_METADATAENTRY']._serialized_start=1133
-  _globals['_GENERATIONSTARTED_METADATAENTRY']._serialized_end=1180
-  _globals['_TOKENGENERATED']._serialized_start=1891
-  _globals['_TOKENGENERATED']._serialized_end=2185
-  _globals['_TOKENGENERATED_METADATAENTRY']._serialized_start=1133
-  _globals['_TOKENGENERATED_METADATAENTRY']._serialized_end=1180
-  _globals['_GENERATIONCOMPLETED']._serialized_start=2188
-  _globals['_GENERATIONCOMPLETED']._serialized_end=2593
-  _globals['_GENERATIONCOMPLETED_METADATAENTRY']._serialized_start=1133
-  _globals['_GENERATIONCOMPLETED_METADATAENTRY']._serialized_end=1180
-  _globals['_ERROR']._serialized_start=2596
-  _globals['_ERROR']._serialized_end=2770
-  _globals['_ERROR_METADATAENTRY']._serialized_start=1133
-  _globals['_ERROR_METADATAENTRY']._serialized_end=1180
-  _globals['_RUNTIMESTATUS']._serialized_start=2773
-  _globals['_RUNTIMESTATUS']._serialized_end=3066
-  _globals['_RUNTIMESTATUS_METADATAENTRY']._serialized_start=1133
-  _globals['_RUNTIMESTATUS_METADATAENTRY']._serialized_end=1180
-  _globals['_EVENTSSERVICE']._serialized_start=3511
-  _globals['_EVENTSSERVICE']._serialized_end=3610
+  _globals['_EVENT']._serialized_end=976
+  _globals['_MODELLOADED']._serialized_start=979
+  _globals['_MODELLOADED']._serialized_end=1207
+  _globals['_MODELLOADED_METADATAENTRY']._serialized_start=1160
+  _globals['_MODELLOADED_METADATAENTRY']._serialized_end=1207
+  _globals['_MODELUNLOADED']._serialized_start=1210
+  _globals['_MODELUNLOADED']._serialized_end=1387
+  _globals['_MODELUNLOADED_METADATAENTRY']._serialized_start=1160
+  _globals['_MODELUNLOADED_METADATAENTRY']._serialized_end=1207
+  _globals['_MODELINVALIDATED']._serialized_start=1390
+  _globals['_MODELINVALIDATED']._serialized_end=1582
+  _globals['_MODELINVALIDATED_METADATAENTRY']._serialized_start=1160
+  _globals['_MODELINVALIDATED_METADATAENTRY']._serialized_end=1207
+  _globals['_GENERATIONSTARTED']._serialized_start=1585
+  _globals['_GENERATIONSTARTED']._serialized_end=1915
+  _globals['_GENERATIONSTARTED_METADATAENTRY']._serialized_start=1160
+  _globals['_GENERATIONSTARTED_METADATAENTRY']._serialized_end=1207
+  _globals['_TOKENGENERATED']._serialized_start=1918
+  _globals['_TOKENGENERATED']._serialized_end=2212
+  _globals['_TOKENGENERATED_METADATAENTRY']._serialized_start=1160
+  _globals['_TOKENGENERATED_METADATAENTRY']._serialized_end=1207
+  _globals['_GENERATIONCOMPLETED']._serialized_start=2215
+  _globals['_GENERATIONCOMPLETED']._serialized_end=2620
+  _globals['_GENERATIONCOMPLETED_METADATAENTRY']._serialized_start=1160
+  _globals['_GENERATIONCOMPLETED_METADATAENTRY']._serialized_end=1207
+  _globals['_ERROR']._serialized_start=2623
+  _globals['_ERROR']._serialized_end=2797
+  _globals['_ERROR_METADATAENTRY']._serialized_start=1160
+  _globals['_ERROR_METADATAENTRY']._serialized_end=1207
+  _globals['_RUNTIMESTATUS']._serialized_start=2800
+  _globals['_RUNTIMESTATUS']._serialized_end=3093
+  _globals['_RUNTIMESTATUS_METADATAENTRY']._serialized_start=1160
+  _globals['_RUNTIMESTATUS_METADATAENTRY']._serialized_end=1207
+  _globals['_EVENTSSERVICE']._serialized_start=3538
+  _globals['_EVENTSSERVICE']._serialized_end=3637
 # @@protoc_insertion_point(module_scope)

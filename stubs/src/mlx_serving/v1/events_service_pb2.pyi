@@ -64,9 +64,10 @@ class SubscribeResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., dropped_events: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("time", "request_id", "model_loaded", "model_unloaded", "model_invalidated", "generation_started", "token_generated", "generation_completed", "error", "runtime_status")
+    __slots__ = ("time", "request_id", "client_request_id", "model_loaded", "model_unloaded", "model_invalidated", "generation_started", "token_generated", "generation_completed", "error", "runtime_status")
     TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_LOADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_UNLOADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_INVALIDATED_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +78,7 @@ class Event(_message.Message):
     RUNTIME_STATUS_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     request_id: str
+    client_request_id: str
     model_loaded: ModelLoaded
     model_unloaded: ModelUnloaded
     model_invalidated: ModelInvalidated
@@ -85,7 +87,7 @@ class Event(_message.Message):
     generation_completed: GenerationCompleted
     error: Error
     runtime_status: RuntimeStatus
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., model_unloaded: _Optional[_Union[ModelUnloaded, _Mapping]] = ..., model_invalidated: _Optional[_Union[ModelInvalidated, _Mapping]] = ..., generation_started: _Optional[_Union[GenerationStarted, _Mapping]] = ..., token_generated: _Optional[_Union[TokenGenerated, _Mapping]] = ..., generation_completed: _Optional[_Union[GenerationCompleted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., runtime_status: _Optional[_Union[RuntimeStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., model_unloaded: _Optional[_Union[ModelUnloaded, _Mapping]] = ..., model_invalidated: _Optional[_Union[ModelInvalidated, _Mapping]] = ..., generation_started: _Optional[_Union[GenerationStarted, _Mapping]] = ..., token_generated: _Optional[_Union[TokenGenerated, _Mapping]] = ..., generation_completed: _Optional[_Union[GenerationCompleted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., runtime_status: _Optional[_Union[RuntimeStatus, _Mapping]] = ...) -> None: ...
 
 class ModelLoaded(_message.Message):
     __slots__ = ("model", "model_path", "quantization", "parameters", "metadata")

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\"\x85\t\n\x0fGenerateRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1c\n\x04text\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x10\x01(\x80\x80\x80\x02H\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.mlx_serving.v1.ChatPromptH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.mlx_serving.v1.TokenIdsH\x00\x12$\n\nmax_tokens\x18\x05 \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x08(\x01H\x01\x88\x01\x01\x12)\n\x0btemperature\x18\x06 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\x00H\x02\x88\x01\x01\x12#\n\x05top_p\x18\x07 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?%\x00\x00\x00\x00H\x03\x88\x01\x01\x12\x1d\n\x05top_k\x18\x08 \x01(\rB\t\xbaH\x06*\x04\x18\xa0\x8d\x06H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12#\n\x05min_p\x18\n \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?-\x00\x00\x00\x00H\x06\x88\x01\x01\x12\x30\n\x12repetition_penalty\x18\x0b \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00 A%\x00\x00\x00\x00H\x07\x88\x01\x01\x12.\n\x10presence_penalty\x18\x0c \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\x08\x88\x01\x01\x12/\n\x11\x66requency_penalty\x18\r \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\t\x88\x01\x01\x12(\n\x0fpenalty_context\x18\x0e \x01(\rB\n\xbaH\x07*\x05\x18\x80 (\x01H\n\x88\x01\x01\x12[\n\nlogit_bias\x18\x0f \x03(\x0b\x32..mlx_serving.v1.GenerateRequest.LogitBiasEntryB\x17\xbaH\x14\x9a\x01\x11\x10\x80\x08*\x0c\n\n\x1d\x00\x00\xc8\x42-\x00\x00\xc8\xc2\x12!\n\x04stop\x18\x10 \x03(\tB\x13\xbaH\x10\x92\x01\r\x10\x10\x18\x01\"\x07r\x05\x10\x01\x18\x80\x02\x12 \n\x0estop_token_ids\x18\x11 \x03(\rB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x14\n\x0cinclude_stop\x18\x13 \x01(\x08\x12X\n\x08metadata\x18\x14 \x03(\x0b\x32-.mlx_serving.v1.GenerateRequest.MetadataEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x02\x12\x1e\n\x16include_special_tokens\x18\x15 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\x06prompt\x12\x05\xbaH\x02\x08\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_penalty_context\"\x86\x01\n\nChatPrompt\x12:\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.mlx_serving.v1.ChatMessageB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80 \x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"C\n\x0b\x43hatMessage\x12\x17\n\x04role\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1b\n\x07\x63ontent\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\"%\n\x08TokenIds\x12\x19\n\x03ids\x18\x01 \x03(\rB\x0c\xbaH\t\x92\x01\x06\x08\x01\x10\x80\x80@\"\x88\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\x12-\n\nqueue_time\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.mlx_serving.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.mlx_serving.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t*\xce\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x32\x62\n\x0fGenerateService\x12O\n\x08Generate\x12\x1f.mlx_serving.v1.GenerateRequest\x1a .mlx_serving.v1.GenerateResponse0\x01\x42\x87\x01\n\x11\x64\x65v.mlxserving.v1B\x14GenerateServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xc2\r\n\x0fGenerateRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1c\n\x04text\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x10\x01(\x80\x80\x80\x02H\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.mlx_serving.v1.ChatPromptH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.mlx_serving.v1.TokenIdsH\x00\x12$\n\nmax_tokens\x18\x05 \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x08(\x01H\x02\x88\x01\x01\x12)\n\x0btemperature\x18\x06 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\x00H\x03\x88\x01\x01\x12#\n\x05top_p\x18\x07 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?%\x00\x00\x00\x00H\x04\x88\x01\x01\x12\x1d\n\x05top_k\x18\x08 \x01(\rB\t\xbaH\x06*\x04\x18\xa0\x8d\x06H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12#\n\x05min_p\x18\n \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?-\x00\x00\x00\x00H\x07\x88\x01\x01\x12\x30\n\x12repetition_penalty\x18\x0b \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00 A%\x00\x00\x00\x00H\x08\x88\x01\x01\x12.\n\x10presence_penalty\x18\x0c \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\t\x88\x01\x01\x12/\n\x11\x66requency_penalty\x18\r \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\n\x88\x01\x01\x12(\n\x0fpenalty_context\x18\x0e \x01(\rB\n\xbaH\x07*\x05\x18\x80 (\x01H\x0b\x88\x01\x01\x12[\n\nlogit_bias\x18\x0f \x03(\x0b\x32..mlx_serving.v1.GenerateRequest.LogitBiasEntryB\x17\xbaH\x14\x9a\x01\x11\x10\x80\x08*\x0c\n\n\x1d\x00\x00\xc8\x42-\x00\x00\xc8\xc2\x12!\n\x04stop\x18\x10 \x03(\tB\x13\xbaH\x10\x92\x01\r\x10\x10\x18\x01\"\x07r\x05\x10\x01\x18\x80\x02\x12 \n\x0estop_token_ids\x18\x11 \x03(\rB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x14\n\x0cinclude_stop\x18\x13 \x01(\x08\x12X\n\x08metadata\x18\x14 \x03(\x0b\x32-.mlx_serving.v1.GenerateRequest.MetadataEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x02\x12\x1e\n\x16include_special_tokens\x18\x15 \x01(\x08\x12\"\n\x0bjson_schema\x18\x16 \x01(\tB\x0b\xbaH\x08r\x06\x10\x02(\x80\x80@H\x01\x12\x31\n\x0bjson_object\x18\x17 \x01(\x0b\x32\x1a.mlx_serving.v1.JsonObjectH\x01\x12\x1c\n\x05regex\x18\x18 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01(\x80\x80@H\x01\x12\x1e\n\x07grammar\x18\x19 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01(\x80\x80@H\x01\x12(\n\x06\x63hoice\x18\x1a \x01(\x0b\x32\x16.mlx_serving.v1.ChoiceH\x01\x12\x10\n\x08logprobs\x18\x1b \x01(\x08\x12\x1d\n\x0ctop_logprobs\x18\x1c \x01(\rB\x07\xbaH\x04*\x02\x18\x14\x12%\n\x0fprompt_logprobs\x18\x1d \x01(\rB\x07\xbaH\x04*\x02\x18\x14H\x0c\x88\x01\x01\x12:\n\x11\x63lient_request_id\x18\x1e \x01(\tB\x1f\xbaH\x1cr\x1a\x18\x80\x01\x32\x15^[A-Za-z0-9._:/+=-]*$\x12\x19\n\x01n\x18\x1f \x01(\rB\t\xbaH\x06*\x04\x18\x10(\x01H\r\x88\x01\x01\x12\x1d\n\nmin_tokens\x18  \x01(\rB\t\xbaH\x06*\x04\x18\x80\x80\x08\x12,\n\x16truncate_prompt_tokens\x18! \x01(\rB\x07\xbaH\x04*\x02(\x01H\x0e\x88\x01\x01\x12=\n\ntime_limit\x18\" \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xa3\x05*\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\x06prompt\x12\x05\xbaH\x02\x08\x01\x42\x0c\n\nconstraintB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_penalty_contextB\x12\n\x10_prompt_logprobsB\x04\n\x02_nB\x19\n\x17_truncate_prompt_tokens\"\x0c\n\nJsonObject\"1\n\x06\x43hoice\x12\'\n\x07\x63hoices\x18\x01 \x03(\tB\x16\xbaH\x13\x92\x01\x10\x08\x01\x10\x80\x08\x18\x01\"\x07r\x05\x10\x01\x18\x80 \"\x99\x02\n\nChatPrompt\x12:\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.mlx_serving.v1.ChatMessageB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80 \x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12.\n\x05tools\x18\x03 \x03(\x0b\x32\x14.mlx_serving.v1.ToolB\t\xbaH\x06\x92\x01\x03\x10\x80\x01\x12/\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x1a.mlx_serving.v1.ToolChoice\x12\x30\n\x0ftemplate_kwargs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x16_add_generation_prompt\"q\n\x04Tool\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xbaH\x19r\x17\x10\x01\x18@2\x11^[A-Za-z0-9_.-]+$\x12\x1e\n\x0b\x64\x65scription\x18\x02 \x01(\tB\t\xbaH\x06r\x04(\x80\x80\x04\x12\x1d\n\nparameters\x18\x03 \x01(\tB\t\xbaH\x06r\x04(\x80\x80\x10\"a\n\nToolChoice\x12.\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.mlx_serving.v1.ToolChoiceModeH\x00\x12\x19\n\x04tool\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@H\x00\x42\x08\n\x06\x63hoice\"W\n\x08ToolCall\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x17\n\x04name\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1c\n\targuments\x18\x03 \x01(\tB\t\xbaH\x06r\x04(\x80\x80@\"\xb3\x01\n\x0b\x43hatMessage\x12\x17\n\x04role\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1b\n\x07\x63ontent\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\x12\x37\n\ntool_calls\x18\x03 \x03(\x0b\x32\x18.mlx_serving.v1.ToolCallB\t\xbaH\x06\x92\x01\x03\x10\x80\x01\x12\x1e\n\x0ctool_call_id\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x15\n\x04name\x18\x05 \x01(\tB\x07\xbaH\x04r\x02\x18@\"%\n\x08TokenIds\x12\x19\n\x03ids\x18\x01 \x03(\rB\x0c\xbaH\t\x92\x01\x06\x08\x01\x10\x80\x80@\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"b\n\x08Logprobs\x12+\n\x05token\x18\x01 \x01(\x0b\x32\x1c.mlx_serving.v1.TokenLogprob\x12)\n\x03top\x18\x02 \x03(\x0b\x32\x1c.mlx_serving.v1.TokenLogprob\"\x88\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\x12-\n\nqueue_time\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb7\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.mlx_serving.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.mlx_serving.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.mlx_serving.v1.Logprobs\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.mlx_serving.v1.Logprobs\x12\r\n\x05index\x18\t \x01(\r\x12\x11\n\x04seed\x18\n \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x63lient_request_id\x18\x0b \x01(\t\x12,\n\ntool_calls\x18\x0c \x03(\x0b\x32\x18.mlx_serving.v1.ToolCall\x12*\n\x0btotal_usage\x18\r \x01(\x0b\x32\x15.mlx_serving.v1.UsageB\x07\n\x05_seed*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\x94\x02\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x06\x12&\n\"FINISH_REASON_STRUCTURE_INCOMPLETE\x10\x07\x32\x62\n\x0fGenerateService\x12O\n\x08Generate\x12\x1f.mlx_serving.v1.GenerateRequest\x1a .mlx_serving.v1.GenerateResponse0\x01\x42\x87\x01\n\x11\x64\x65v.mlxserving.v1B\x14GenerateServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -70,32 +71,92 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST'].fields_by_name['stop_token_ids']._serialized_options = b'\272H\005\222\001\002\020@'
   _globals['_GENERATEREQUEST'].fields_by_name['metadata']._loaded_options = None
   _globals['_GENERATEREQUEST'].fields_by_name['metadata']._serialized_options = b'\272H\024\232\001\021\020 \"\006r\004\020\001\030@*\005r\003\030\200\002'
+  _globals['_GENERATEREQUEST'].fields_by_name['json_schema']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['json_schema']._serialized_options = b'\272H\010r\006\020\002(\200\200@'
+  _globals['_GENERATEREQUEST'].fields_by_name['regex']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['regex']._serialized_options = b'\272H\010r\006\020\001(\200\200@'
+  _globals['_GENERATEREQUEST'].fields_by_name['grammar']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['grammar']._serialized_options = b'\272H\010r\006\020\001(\200\200@'
+  _globals['_GENERATEREQUEST'].fields_by_name['top_logprobs']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['top_logprobs']._serialized_options = b'\272H\004*\002\030\024'
+  _globals['_GENERATEREQUEST'].fields_by_name['prompt_logprobs']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['prompt_logprobs']._serialized_options = b'\272H\004*\002\030\024'
+  _globals['_GENERATEREQUEST'].fields_by_name['client_request_id']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['client_request_id']._serialized_options = b'\272H\034r\032\030\200\0012\025^[A-Za-z0-9._:/+=-]*$'
+  _globals['_GENERATEREQUEST'].fields_by_name['n']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['n']._serialized_options = b'\272H\006*\004\030\020(\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['min_tokens']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['min_tokens']._serialized_options = b'\272H\006*\004\030\200\200\010'
+  _globals['_GENERATEREQUEST'].fields_by_name['truncate_prompt_tokens']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['truncate_prompt_tokens']._serialized_options = b'\272H\004*\002(\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['time_limit']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['time_limit']._serialized_options = b'\272H\013\252\001\010\"\004\010\200\243\005*\000'
+  _globals['_CHOICE'].fields_by_name['choices']._loaded_options = None
+  _globals['_CHOICE'].fields_by_name['choices']._serialized_options = b'\272H\023\222\001\020\010\001\020\200\010\030\001\"\007r\005\020\001\030\200 '
   _globals['_CHATPROMPT'].fields_by_name['messages']._loaded_options = None
   _globals['_CHATPROMPT'].fields_by_name['messages']._serialized_options = b'\272H\010\222\001\005\010\001\020\200 '
+  _globals['_CHATPROMPT'].fields_by_name['tools']._loaded_options = None
+  _globals['_CHATPROMPT'].fields_by_name['tools']._serialized_options = b'\272H\006\222\001\003\020\200\001'
+  _globals['_TOOL'].fields_by_name['name']._loaded_options = None
+  _globals['_TOOL'].fields_by_name['name']._serialized_options = b'\272H\031r\027\020\001\030@2\021^[A-Za-z0-9_.-]+$'
+  _globals['_TOOL'].fields_by_name['description']._loaded_options = None
+  _globals['_TOOL'].fields_by_name['description']._serialized_options = b'\272H\006r\004(\200\200\004'
+  _globals['_TOOL'].fields_by_name['parameters']._loaded_options = None
+  _globals['_TOOL'].fields_by_name['parameters']._serialized_options = b'\272H\006r\004(\200\200\020'
+  _globals['_TOOLCHOICE'].fields_by_name['tool']._loaded_options = None
+  _globals['_TOOLCHOICE'].fields_by_name['tool']._serialized_options = b'\272H\006r\004\020\001\030@'
+  _globals['_TOOLCALL'].fields_by_name['id']._loaded_options = None
+  _globals['_TOOLCALL'].fields_by_name['id']._serialized_options = b'\272H\005r\003\030\200\001'
+  _globals['_TOOLCALL'].fields_by_name['name']._loaded_options = None
+  _globals['_TOOLCALL'].fields_by_name['name']._serialized_options = b'\272H\006r\004\020\001\030@'
+  _globals['_TOOLCALL'].fields_by_name['arguments']._loaded_options = None
+  _globals['_TOOLCALL'].fields_by_name['arguments']._serialized_options = b'\272H\006r\004(\200\200@'
   _globals['_CHATMESSAGE'].fields_by_name['role']._loaded_options = None
   _globals['_CHATMESSAGE'].fields_by_name['role']._serialized_options = b'\272H\006r\004\020\001\030@'
   _globals['_CHATMESSAGE'].fields_by_name['content']._loaded_options = None
   _globals['_CHATMESSAGE'].fields_by_name['content']._serialized_options = b'\272H\007r\005(\200\200\200\002'
+  _globals['_CHATMESSAGE'].fields_by_name['tool_calls']._loaded_options = None
+  _globals['_CHATMESSAGE'].fields_by_name['tool_calls']._serialized_options = b'\272H\006\222\001\003\020\200\001'
+  _globals['_CHATMESSAGE'].fields_by_name['tool_call_id']._loaded_options = None
+  _globals['_CHATMESSAGE'].fields_by_name['tool_call_id']._serialized_options = b'\272H\005r\003\030\200\001'
+  _globals['_CHATMESSAGE'].fields_by_name['name']._loaded_options = None
+  _globals['_CHATMESSAGE'].fields_by_name['name']._serialized_options = b'\272H\004r\002\030@'
   _globals['_TOKENIDS'].fields_by_name['ids']._loaded_options = None
   _globals['_TOKENIDS'].fields_by_name['ids']._serialized_options = b'\272H\t\222\001\006\010\001\020\200\200@'
-  _globals['_FINISHREASON']._serialized_start=1978
-  _globals['_FINISHREASON']._serialized_end=2184
-  _globals['_GENERATEREQUEST']._serialized_start=119
-  _globals['_GENERATEREQUEST']._serialized_end=1276
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1006
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1054
-  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=1056
-  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=1103
-  _globals['_CHATPROMPT']._serialized_start=1279
-  _globals['_CHATPROMPT']._serialized_end=1413
-  _globals['_CHATMESSAGE']._serialized_start=1415
-  _globals['_CHATMESSAGE']._serialized_end=1482
-  _globals['_TOKENIDS']._serialized_start=1484
-  _globals['_TOKENIDS']._serialized_end=1521
-  _globals['_USAGE']._serialized_start=1524
-  _globals['_USAGE']._serialized_end=1788
-  _globals['_GENERATERESPONSE']._serialized_start=1791
-  _globals['_GENERATERESPONSE']._serialized_end=1975
-  _globals['_GENERATESERVICE']._serialized_start=2186
-  _globals['_GENERATESERVICE']._serialized_end=2284
+  _globals['_TOOLCHOICEMODE']._serialized_start=3629
+  _globals['_TOOLCHOICEMODE']._serialized_end=3764
+  _globals['_FINISHREASON']._serialized_start=3767
+  _globals['_FINISHREASON']._serialized_end=4043
+  _globals['_GENERATEREQUEST']._serialized_start=149
+  _globals['_GENERATEREQUEST']._serialized_end=1879
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1542
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1590
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=1592
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=1639
+  _globals['_JSONOBJECT']._serialized_start=1881
+  _globals['_JSONOBJECT']._serialized_end=1893
+  _globals['_CHOICE']._serialized_start=1895
+  _globals['_CHOICE']._serialized_end=1944
+  _globals['_CHATPROMPT']._serialized_start=1947
+  _globals['_CHATPROMPT']._serialized_end=2228
+  _globals['_TOOL']._serialized_start=2230
+  _globals['_TOOL']._serialized_end=2343
+  _globals['_TOOLCHOICE']._serialized_start=2345
+  _globals['_TOOLCHOICE']._serialized_end=2442
+  _globals['_TOOLCALL']._serialized_start=2444
+  _globals['_TOOLCALL']._serialized_end=2531
+  _globals['_CHATMESSAGE']._serialized_start=2534
+  _globals['_CHATMESSAGE']._serialized_end=2713
+  _globals['_TOKENIDS']._serialized_start=2715
+  _globals['_TOKENIDS']._serialized_end=2752
+  _globals['_TOKENLOGPROB']._serialized_start=2754
+  _globals['_TOKENLOGPROB']._serialized_end=2817
+  _globals['_LOGPROBS']._serialized_start=2819
+  _globals['_LOGPROBS']._serialized_end=2917
+  _globals['_USAGE']._serialized_start=2920
+  _globals['_USAGE']._serialized_end=3184
+  _globals['_GENERATERESPONSE']._serialized_start=3187
+  _globals['_GENERATERESPONSE']._serialized_end=3626
+  _globals['_GENERATESERVICE']._serialized_start=4045
+  _globals['_GENERATESERVICE']._serialized_end=4143
 # @@protoc_insertion_point(module_scope)

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from mlx_serving.v1 import generate_service_pb2 as mlx__serving_dot_v1_dot_generate__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/tokenize_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\"|\n\x0fTokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x04text\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x15\n\rreturn_pieces\x18\x04 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"m\n\x11\x44\x65tokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1d\n\ttoken_ids\x18\x02 \x03(\rB\n\xbaH\x07\x92\x01\x04\x10\x80\x80@\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xb5\x01\n\x0fTokenizeService\x12M\n\x08Tokenize\x12\x1f.mlx_serving.v1.TokenizeRequest\x1a .mlx_serving.v1.TokenizeResponse\x12S\n\nDetokenize\x12!.mlx_serving.v1.DetokenizeRequest\x1a\".mlx_serving.v1.DetokenizeResponseB\x87\x01\n\x11\x64\x65v.mlxserving.v1B\x14TokenizeServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlx_serving/v1/tokenize_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a%mlx_serving/v1/generate_service.proto\"\xcb\x01\n\x0fTokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x04text\x18\x02 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x02\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x15\n\rreturn_pieces\x18\x04 \x01(\x08\x12\x16\n\x0ereturn_offsets\x18\x05 \x01(\x08\x12\x12\n\ncount_only\x18\x06 \x01(\x08\x12!\n\x05texts\x18\x07 \x03(\tB\x12\xbaH\x0f\x92\x01\x0c\x10\x80\x08\"\x07r\x05(\x80\x80\x80\x02\")\n\x0bTokenOffset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"k\n\tTokenized\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\x12,\n\x07offsets\x18\x03 \x03(\x0b\x32\x1b.mlx_serving.v1.TokenOffset\x12\r\n\x05\x63ount\x18\x04 \x01(\r\"\x9e\x01\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\x12,\n\x07offsets\x18\x03 \x03(\x0b\x32\x1b.mlx_serving.v1.TokenOffset\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12*\n\x07results\x18\x05 \x03(\x0b\x32\x19.mlx_serving.v1.Tokenized\"m\n\x11\x44\x65tokenizeRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1d\n\ttoken_ids\x18\x02 \x03(\rB\n\xbaH\x07\x92\x01\x04\x10\x80\x80@\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"k\n\x19RenderChatTemplateRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x30\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1a.mlx_serving.v1.ChatPromptB\x06\xbaH\x03\xc8\x01\x01\"=\n\x1aRenderChatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r2\xa2\x02\n\x0fTokenizeService\x12M\n\x08Tokenize\x12\x1f.mlx_serving.v1.TokenizeRequest\x1a .mlx_serving.v1.TokenizeResponse\x12S\n\nDetokenize\x12!.mlx_serving.v1.DetokenizeRequest\x1a\".mlx_serving.v1.DetokenizeResponse\x12k\n\x12RenderChatTemplate\x12).mlx_serving.v1.RenderChatTemplateRequest\x1a*.mlx_serving.v1.RenderChatTemplateResponseB\x87\x01\n\x11\x64\x65v.mlxserving.v1B\x14TokenizeServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZEREQUEST'].fields_by_name['model_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
   _globals['_TOKENIZEREQUEST'].fields_by_name['text']._loaded_options = None
   _globals['_TOKENIZEREQUEST'].fields_by_name['text']._serialized_options = b'\272H\007r\005(\200\200\200\002'
+  _globals['_TOKENIZEREQUEST'].fields_by_name['texts']._loaded_options = None
+  _globals['_TOKENIZEREQUEST'].fields_by_name['texts']._serialized_options = b'\272H\017\222\001\014\020\200\010\"\007r\005(\200\200\200\002'
   _globals['_DETOKENIZEREQUEST'].fields_by_name['model_id']._loaded_options = None
   _globals['_DETOKENIZEREQUEST'].fields_by_name['model_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
   _globals['_DETOKENIZEREQUEST'].fields_by_name['token_ids']._loaded_options = None
   _globals['_DETOKENIZEREQUEST'].fields_by_name['token_ids']._serialized_options = b'\272H\007\222\001\004\020\200\200@'
-  _globals['_TOKENIZEREQUEST']._serialized_start=86
-  _globals['_TOKENIZEREQUEST']._serialized_end=210
-  _globals['_TOKENIZERESPONSE']._serialized_start=212
-  _globals['_TOKENIZERESPONSE']._serialized_end=265
-  _globals['_DETOKENIZEREQUEST']._serialized_start=267
-  _globals['_DETOKENIZEREQUEST']._serialized_end=376
-  _globals['_DETOKENIZERESPONSE']._serialized_start=378
-  _globals['_DETOKENIZERESPONSE']._serialized_end=412
-  _globals['_TOKENIZESERVICE']._serialized_start=415
-  _globals['_TOKENIZESERVICE']._serialized_end=596
+  _globals['_RENDERCHATTEMPLATEREQUEST'].fields_by_name['model_id']._loaded_options = None
+  _globals['_RENDERCHATTEMPLATEREQUEST'].fields_by_name['model_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
+  _globals['_RENDERCHATTEMPLATEREQUEST'].fields_by_name['chat']._loaded_options = None
+  _globals['_RENDERCHATTEMPLATEREQUEST'].fields_by_name['chat']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_TOKENIZEREQUEST']._serialized_start=126
+  _globals['_TOKENIZEREQUEST']._serialized_end=329
+  _globals['_TOKENOFFSET']._serialized_start=331
+  _globals['_TOKENOFFSET']._serialized_end=372
+  _globals['_TOKENIZED']._serialized_start=374
+  _globals['_TOKENIZED']._serialized_end=481
+  _globals['_TOKENIZERESPONSE']._serialized_start=484
+  _globals['_TOKENIZERESPONSE']._serialized_end=642
+  _globals['_DETOKENIZEREQUEST']._serialized_start=644
+  _globals['_DETOKENIZEREQUEST']._serialized_end=753
+  _globals['_DETOKENIZERESPONSE']._serialized_start=755
+  _globals['_DETOKENIZERESPONSE']._serialized_end=789
+  _globals['_RENDERCHATTEMPLATEREQUEST']._serialized_start=791
+  _globals['_RENDERCHATTEMPLATEREQUEST']._serialized_end=898
+  _globals['_RENDERCHATTEMPLATERESPONSE']._serialized_start=900
+  _globals['_RENDERCHATTEMPLATERESPONSE']._serialized_end=961
+  _globals['_TOKENIZESERVICE']._serialized_start=964
+  _globals['_TOKENIZESERVICE']._serialized_end=1254
 # @@protoc_insertion_point(module_scope)

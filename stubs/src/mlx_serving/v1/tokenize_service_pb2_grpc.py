@@ -45,6 +45,11 @@ class TokenizeServiceStub:
                 request_serializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.RenderChatTemplate = channel.unary_unary(
+                '/mlx_serving.v1.TokenizeService/RenderChatTemplate',
+                request_serializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.RenderChatTemplateRequest.SerializeToString,
+                response_deserializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.RenderChatTemplateResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizeServiceServicer:
@@ -65,6 +70,14 @@ class TokenizeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenderChatTemplate(self, request, context):
+        """RenderChatTemplate returns the exact prompt text and token ids a GenerateRequest with
+        this chat would give the model (tools and template arguments included).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_TokenizeServiceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.DetokenizeRequest.FromString,
                     response_serializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'RenderChatTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenderChatTemplate,
+                    request_deserializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.RenderChatTemplateRequest.FromString,
+                    response_serializer=mlx__serving_dot_v1_dot_tokenize__service__pb2.RenderChatTemplateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class TokenizeService:
             '/mlx_serving.v1.TokenizeService/Detokenize',
             mlx__serving_dot_v1_dot_tokenize__service__pb2.DetokenizeRequest.SerializeToString,
             mlx__serving_dot_v1_dot_tokenize__service__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderChatTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlx_serving.v1.TokenizeService/RenderChatTemplate',
+            mlx__serving_dot_v1_dot_tokenize__service__pb2.RenderChatTemplateRequest.SerializeToString,
+            mlx__serving_dot_v1_dot_tokenize__service__pb2.RenderChatTemplateResponse.FromString,
             options,
             channel_credentials,
             insecure,

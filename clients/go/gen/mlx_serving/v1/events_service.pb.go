@@ -286,6 +286,8 @@ type Event struct {
 	Time *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
 	// The request it concerns, if any.
 	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// That request's GenerateRequest.client_request_id, if it gave one.
+	ClientRequestId string `protobuf:"bytes,3,opt,name=client_request_id,json=clientRequestId,proto3" json:"client_request_id,omitempty"`
 	// What happened.
 	//
 	// Types that are valid to be assigned to Payload:
@@ -343,6 +345,13 @@ func (x *Event) GetTime() *timestamppb.Timestamp {
 func (x *Event) GetRequestId() string {
 	if x != nil {
 		return x.RequestId
+	}
+	return ""
+}
+
+func (x *Event) GetClientRequestId() string {
+	if x != nil {
+		return x.ClientRequestId
 	}
 	return ""
 }
@@ -1176,11 +1185,12 @@ const file_mlx_serving_v1_events_service_proto_rawDesc = "" +
 	"\tmodel_ids\x18\x02 \x03(\tB\x11\xbaH\x0e\x92\x01\v\x10d\"\ar\x05\x10\x01\x18\x80\x01R\bmodelIds\"g\n" +
 	"\x11SubscribeResponse\x12+\n" +
 	"\x05event\x18\x01 \x01(\v2\x15.mlx_serving.v1.EventR\x05event\x12%\n" +
-	"\x0edropped_events\x18\x02 \x01(\x04R\rdroppedEvents\"\xbb\x05\n" +
+	"\x0edropped_events\x18\x02 \x01(\x04R\rdroppedEvents\"\xe7\x05\n" +
 	"\x05Event\x126\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01R\x04time\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x02 \x01(\tR\trequestId\x12@\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12*\n" +
+	"\x11client_request_id\x18\x03 \x01(\tR\x0fclientRequestId\x12@\n" +
 	"\fmodel_loaded\x18\n" +
 	" \x01(\v2\x1b.mlx_serving.v1.ModelLoadedH\x00R\vmodelLoaded\x12F\n" +
 	"\x0emodel_unloaded\x18\v \x01(\v2\x1d.mlx_serving.v1.ModelUnloadedH\x00R\rmodelUnloaded\x12O\n" +

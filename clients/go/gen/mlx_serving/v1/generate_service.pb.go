@@ -11,6 +11,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	structpb "google.golang.org/protobuf/types/known/structpb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -22,6 +23,63 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// ToolChoiceMode says whether the model must call a tool.
+type ToolChoiceMode int32
+
+const (
+	// The model decides (the default).
+	ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED ToolChoiceMode = 0
+	// The model decides; its tool calls are parsed from its output.
+	ToolChoiceMode_TOOL_CHOICE_MODE_AUTO ToolChoiceMode = 1
+	// No tool is called: the tools are not given to the template.
+	ToolChoiceMode_TOOL_CHOICE_MODE_NONE ToolChoiceMode = 2
+	// The model must call one of the tools, with arguments valid for its schema (constrained).
+	ToolChoiceMode_TOOL_CHOICE_MODE_REQUIRED ToolChoiceMode = 3
+)
+
+// Enum value maps for ToolChoiceMode.
+var (
+	ToolChoiceMode_name = map[int32]string{
+		0: "TOOL_CHOICE_MODE_UNSPECIFIED",
+		1: "TOOL_CHOICE_MODE_AUTO",
+		2: "TOOL_CHOICE_MODE_NONE",
+		3: "TOOL_CHOICE_MODE_REQUIRED",
+	}
+	ToolChoiceMode_value = map[string]int32{
+		"TOOL_CHOICE_MODE_UNSPECIFIED": 0,
+		"TOOL_CHOICE_MODE_AUTO":        1,
+		"TOOL_CHOICE_MODE_NONE":        2,
+		"TOOL_CHOICE_MODE_REQUIRED":    3,
+	}
+)
+
+func (x ToolChoiceMode) Enum() *ToolChoiceMode {
+	p := new(ToolChoiceMode)
+	*p = x
+	return p
+}
+
+func (x ToolChoiceMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_mlx_serving_v1_generate_service_proto_enumTypes[0].Descriptor()
+}
+
+func (ToolChoiceMode) Type() protoreflect.EnumType {
+	return &file_mlx_serving_v1_generate_service_proto_enumTypes[0]
+}
+
+func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ToolChoiceMode.Descriptor instead.
+func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{0}
+}
 
 // FinishReason says why a generation ended.
 type FinishReason int32
@@ -43,6 +101,11 @@ const (
 	FinishReason_FINISH_REASON_CANCELLED FinishReason = 4
 	// The sequence reached the model's context length.
 	FinishReason_FINISH_REASON_CONTEXT_LENGTH FinishReason = 5
+	// The request's time_limit passed.
+	FinishReason_FINISH_REASON_TIME_LIMIT FinishReason = 6
+	// A constrained output reached max_tokens or the context length before it was complete:
+	// the text is the start of a valid output, not a valid one.
+	FinishReason_FINISH_REASON_STRUCTURE_INCOMPLETE FinishReason = 7
 )
 
 // Enum value maps for FinishReason.
@@ -54,14 +117,18 @@ var (
 		3: "FINISH_REASON_STOP_SEQUENCE",
 		4: "FINISH_REASON_CANCELLED",
 		5: "FINISH_REASON_CONTEXT_LENGTH",
+		6: "FINISH_REASON_TIME_LIMIT",
+		7: "FINISH_REASON_STRUCTURE_INCOMPLETE",
 	}
 	FinishReason_value = map[string]int32{
-		"FINISH_REASON_UNSPECIFIED":     0,
-		"FINISH_REASON_MAX_TOKENS":      1,
-		"FINISH_REASON_END_OF_SEQUENCE": 2,
-		"FINISH_REASON_STOP_SEQUENCE":   3,
-		"FINISH_REASON_CANCELLED":       4,
-		"FINISH_REASON_CONTEXT_LENGTH":  5,
+		"FINISH_REASON_UNSPECIFIED":          0,
+		"FINISH_REASON_MAX_TOKENS":           1,
+		"FINISH_REASON_END_OF_SEQUENCE":      2,
+		"FINISH_REASON_STOP_SEQUENCE":        3,
+		"FINISH_REASON_CANCELLED":            4,
+		"FINISH_REASON_CONTEXT_LENGTH":       5,
+		"FINISH_REASON_TIME_LIMIT":           6,
+		"FINISH_REASON_STRUCTURE_INCOMPLETE": 7,
 	}
 )
 
@@ -76,11 +143,11 @@ func (x FinishReason) String() string {
 }
 
 func (FinishReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_mlx_serving_v1_generate_service_proto_enumTypes[0].Descriptor()
+	return file_mlx_serving_v1_generate_service_proto_enumTypes[1].Descriptor()
 }
 
 func (FinishReason) Type() protoreflect.EnumType {
-	return &file_mlx_serving_v1_generate_service_proto_enumTypes[0]
+	return &file_mlx_serving_v1_generate_service_proto_enumTypes[1]
 }
 
 func (x FinishReason) Number() protoreflect.EnumNumber {
@@ -89,7 +156,7 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{0}
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{1}
 }
 
 // GenerateRequest is one completion request.
@@ -142,8 +209,48 @@ type GenerateRequest struct {
 	// Show special tokens (end of sequence, chat markers) in the text. Their ids are in
 	// token_ids either way. Default false: with ignore_eos, the text holds no "<|im_end|>".
 	IncludeSpecialTokens bool `protobuf:"varint,21,opt,name=include_special_tokens,json=includeSpecialTokens,proto3" json:"include_special_tokens,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// Constrain the output, token by token inside the batch, so that every completed output
+	// is valid. A constraint the model cannot honour is refused (INVALID_ARGUMENT), never
+	// ignored. An output cut short by max_tokens or the context length ends with
+	// FINISH_REASON_STRUCTURE_INCOMPLETE.
+	//
+	// Types that are valid to be assigned to Constraint:
+	//
+	//	*GenerateRequest_JsonSchema
+	//	*GenerateRequest_JsonObject
+	//	*GenerateRequest_Regex
+	//	*GenerateRequest_Grammar
+	//	*GenerateRequest_Choice
+	Constraint isGenerateRequest_Constraint `protobuf_oneof:"constraint"`
+	// Return the log probability of each generated token, aligned with token_ids, in every
+	// message. They come from the model's own distribution: log_softmax of its logits before
+	// temperature, penalties, logit_bias, top-k/top-p/min-p and any constraint (as vLLM's
+	// default "raw_logprobs").
+	Logprobs bool `protobuf:"varint,27,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// Also return this many most likely alternatives for each generated token (implies logprobs).
+	TopLogprobs uint32 `protobuf:"varint,28,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
+	// Return the log probability of each prompt token after the first, given the ones before
+	// it, with this many alternatives (0: the prompt token's own only), in the first message.
+	// Costs one more forward pass over the prompt.
+	PromptLogprobs *uint32 `protobuf:"varint,29,opt,name=prompt_logprobs,json=promptLogprobs,proto3,oneof" json:"prompt_logprobs,omitempty"`
+	// The caller's own id for this request, echoed in every message, in its events and as the
+	// span attribute mlx_serving.client_request_id.
+	ClientRequestId string `protobuf:"bytes,30,opt,name=client_request_id,json=clientRequestId,proto3" json:"client_request_id,omitempty"`
+	// Generate this many samples of the same prompt, sharing one prefill. Each message says
+	// which one it belongs to (GenerateResponse.index); each sample ends with its own last
+	// message. Seeded requests give sample i the seed `seed + i`. Default 1.
+	N *uint32 `protobuf:"varint,31,opt,name=n,proto3,oneof" json:"n,omitempty"`
+	// End-of-sequence and stop_token_ids cannot end the output before this many tokens
+	// (stop strings still can), as vLLM's min_tokens. Default 0.
+	MinTokens uint32 `protobuf:"varint,32,opt,name=min_tokens,json=minTokens,proto3" json:"min_tokens,omitempty"`
+	// Keep only the last truncate_prompt_tokens tokens of a longer prompt instead of refusing
+	// it. Unset: a prompt that does not fit the context is refused.
+	TruncatePromptTokens *uint32 `protobuf:"varint,33,opt,name=truncate_prompt_tokens,json=truncatePromptTokens,proto3,oneof" json:"truncate_prompt_tokens,omitempty"`
+	// End the generation after this long, with FINISH_REASON_TIME_LIMIT and what it made so
+	// far. Unlike a gRPC deadline (which cancels the call), the stream ends normally.
+	TimeLimit     *durationpb.Duration `protobuf:"bytes,34,opt,name=time_limit,json=timeLimit,proto3" json:"time_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -336,6 +443,114 @@ func (x *GenerateRequest) GetIncludeSpecialTokens() bool {
 	return false
 }
 
+func (x *GenerateRequest) GetConstraint() isGenerateRequest_Constraint {
+	if x != nil {
+		return x.Constraint
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetJsonSchema() string {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_JsonSchema); ok {
+			return x.JsonSchema
+		}
+	}
+	return ""
+}
+
+func (x *GenerateRequest) GetJsonObject() *JsonObject {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_JsonObject); ok {
+			return x.JsonObject
+		}
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetRegex() string {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_Regex); ok {
+			return x.Regex
+		}
+	}
+	return ""
+}
+
+func (x *GenerateRequest) GetGrammar() string {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_Grammar); ok {
+			return x.Grammar
+		}
+	}
+	return ""
+}
+
+func (x *GenerateRequest) GetChoice() *Choice {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_Choice); ok {
+			return x.Choice
+		}
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetLogprobs() bool {
+	if x != nil {
+		return x.Logprobs
+	}
+	return false
+}
+
+func (x *GenerateRequest) GetTopLogprobs() uint32 {
+	if x != nil {
+		return x.TopLogprobs
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetPromptLogprobs() uint32 {
+	if x != nil && x.PromptLogprobs != nil {
+		return *x.PromptLogprobs
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetClientRequestId() string {
+	if x != nil {
+		return x.ClientRequestId
+	}
+	return ""
+}
+
+func (x *GenerateRequest) GetN() uint32 {
+	if x != nil && x.N != nil {
+		return *x.N
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetMinTokens() uint32 {
+	if x != nil {
+		return x.MinTokens
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetTruncatePromptTokens() uint32 {
+	if x != nil && x.TruncatePromptTokens != nil {
+		return *x.TruncatePromptTokens
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetTimeLimit() *durationpb.Duration {
+	if x != nil {
+		return x.TimeLimit
+	}
+	return nil
+}
+
 type isGenerateRequest_Prompt interface {
 	isGenerateRequest_Prompt()
 }
@@ -361,6 +576,130 @@ func (*GenerateRequest_Chat) isGenerateRequest_Prompt() {}
 
 func (*GenerateRequest_Tokens) isGenerateRequest_Prompt() {}
 
+type isGenerateRequest_Constraint interface {
+	isGenerateRequest_Constraint()
+}
+
+type GenerateRequest_JsonSchema struct {
+	// A JSON schema (draft 2020-12 subset llguidance supports), as JSON text: the output is
+	// one JSON value that validates against it.
+	JsonSchema string `protobuf:"bytes,22,opt,name=json_schema,json=jsonSchema,proto3,oneof"`
+}
+
+type GenerateRequest_JsonObject struct {
+	// Any one JSON object.
+	JsonObject *JsonObject `protobuf:"bytes,23,opt,name=json_object,json=jsonObject,proto3,oneof"`
+}
+
+type GenerateRequest_Regex struct {
+	// A regular expression the whole output matches.
+	Regex string `protobuf:"bytes,24,opt,name=regex,proto3,oneof"`
+}
+
+type GenerateRequest_Grammar struct {
+	// A grammar in llguidance's Lark syntax (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md)
+	// whose start rule the whole output matches.
+	Grammar string `protobuf:"bytes,25,opt,name=grammar,proto3,oneof"`
+}
+
+type GenerateRequest_Choice struct {
+	// The output is exactly one of these strings.
+	Choice *Choice `protobuf:"bytes,26,opt,name=choice,proto3,oneof"`
+}
+
+func (*GenerateRequest_JsonSchema) isGenerateRequest_Constraint() {}
+
+func (*GenerateRequest_JsonObject) isGenerateRequest_Constraint() {}
+
+func (*GenerateRequest_Regex) isGenerateRequest_Constraint() {}
+
+func (*GenerateRequest_Grammar) isGenerateRequest_Constraint() {}
+
+func (*GenerateRequest_Choice) isGenerateRequest_Constraint() {}
+
+// JsonObject constrains the output to any one JSON object.
+type JsonObject struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JsonObject) Reset() {
+	*x = JsonObject{}
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JsonObject) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JsonObject) ProtoMessage() {}
+
+func (x *JsonObject) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JsonObject.ProtoReflect.Descriptor instead.
+func (*JsonObject) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{1}
+}
+
+// Choice constrains the output to one of fixed strings.
+type Choice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The strings to choose from.
+	Choices       []string `protobuf:"bytes,1,rep,name=choices,proto3" json:"choices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Choice) Reset() {
+	*x = Choice{}
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Choice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Choice) ProtoMessage() {}
+
+func (x *Choice) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Choice.ProtoReflect.Descriptor instead.
+func (*Choice) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Choice) GetChoices() []string {
+	if x != nil {
+		return x.Choices
+	}
+	return nil
+}
+
 // ChatPrompt is a conversation rendered with the model's chat template.
 type ChatPrompt struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -368,13 +707,19 @@ type ChatPrompt struct {
 	Messages []*ChatMessage `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
 	// Append the template's assistant prefix so the model answers. Default true.
 	AddGenerationPrompt *bool `protobuf:"varint,2,opt,name=add_generation_prompt,json=addGenerationPrompt,proto3,oneof" json:"add_generation_prompt,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Tools the model may call, passed to the chat template as `tools`.
+	Tools []*Tool `protobuf:"bytes,3,rep,name=tools,proto3" json:"tools,omitempty"`
+	// Whether and which tool the model must call. Default: auto.
+	ToolChoice *ToolChoice `protobuf:"bytes,4,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	// Extra keyword arguments for the chat template, such as {"enable_thinking": false}.
+	TemplateKwargs *structpb.Struct `protobuf:"bytes,5,opt,name=template_kwargs,json=templateKwargs,proto3" json:"template_kwargs,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ChatPrompt) Reset() {
 	*x = ChatPrompt{}
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[1]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -386,7 +731,7 @@ func (x *ChatPrompt) String() string {
 func (*ChatPrompt) ProtoMessage() {}
 
 func (x *ChatPrompt) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[1]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -399,7 +744,7 @@ func (x *ChatPrompt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatPrompt.ProtoReflect.Descriptor instead.
 func (*ChatPrompt) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{1}
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ChatPrompt) GetMessages() []*ChatMessage {
@@ -416,20 +761,262 @@ func (x *ChatPrompt) GetAddGenerationPrompt() bool {
 	return false
 }
 
+func (x *ChatPrompt) GetTools() []*Tool {
+	if x != nil {
+		return x.Tools
+	}
+	return nil
+}
+
+func (x *ChatPrompt) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
+func (x *ChatPrompt) GetTemplateKwargs() *structpb.Struct {
+	if x != nil {
+		return x.TemplateKwargs
+	}
+	return nil
+}
+
+// Tool is a function the model may call.
+type Tool struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The function's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What it does, for the model.
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// The JSON schema of its arguments, as JSON text (an object schema). Empty: no arguments.
+	Parameters    string `protobuf:"bytes,3,opt,name=parameters,proto3" json:"parameters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tool) Reset() {
+	*x = Tool{}
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tool) ProtoMessage() {}
+
+func (x *Tool) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tool.ProtoReflect.Descriptor instead.
+func (*Tool) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Tool) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Tool) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Tool) GetParameters() string {
+	if x != nil {
+		return x.Parameters
+	}
+	return ""
+}
+
+// ToolChoice says whether and which tool the model must call.
+type ToolChoice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One of the two.
+	//
+	// Types that are valid to be assigned to Choice:
+	//
+	//	*ToolChoice_Mode
+	//	*ToolChoice_Tool
+	Choice        isToolChoice_Choice `protobuf_oneof:"choice"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolChoice) Reset() {
+	*x = ToolChoice{}
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolChoice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolChoice) ProtoMessage() {}
+
+func (x *ToolChoice) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
+func (*ToolChoice) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ToolChoice) GetChoice() isToolChoice_Choice {
+	if x != nil {
+		return x.Choice
+	}
+	return nil
+}
+
+func (x *ToolChoice) GetMode() ToolChoiceMode {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_Mode); ok {
+			return x.Mode
+		}
+	}
+	return ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED
+}
+
+func (x *ToolChoice) GetTool() string {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_Tool); ok {
+			return x.Tool
+		}
+	}
+	return ""
+}
+
+type isToolChoice_Choice interface {
+	isToolChoice_Choice()
+}
+
+type ToolChoice_Mode struct {
+	// Auto, none or required.
+	Mode ToolChoiceMode `protobuf:"varint,1,opt,name=mode,proto3,enum=mlx_serving.v1.ToolChoiceMode,oneof"`
+}
+
+type ToolChoice_Tool struct {
+	// The model must call the tool of this name, with valid arguments (constrained).
+	Tool string `protobuf:"bytes,2,opt,name=tool,proto3,oneof"`
+}
+
+func (*ToolChoice_Mode) isToolChoice_Choice() {}
+
+func (*ToolChoice_Tool) isToolChoice_Choice() {}
+
+// ToolCall is one call of a tool, by the model or (in history) by an earlier assistant turn.
+type ToolCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The call's id, which the tool's result names (ChatMessage.tool_call_id).
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The tool's name.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The arguments, as JSON text.
+	Arguments     string `protobuf:"bytes,3,opt,name=arguments,proto3" json:"arguments,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCall) Reset() {
+	*x = ToolCall{}
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCall) ProtoMessage() {}
+
+func (x *ToolCall) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
+func (*ToolCall) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ToolCall) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCall) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCall) GetArguments() string {
+	if x != nil {
+		return x.Arguments
+	}
+	return ""
+}
+
 // ChatMessage is one turn of a conversation.
 type ChatMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Who speaks, such as "system", "user", "assistant" or "tool".
 	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
 	// What they say.
-	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// The tools an assistant turn called.
+	ToolCalls []*ToolCall `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// For a tool result (role "tool"): the call it answers.
+	ToolCallId string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	// For a tool result: the tool's name.
+	Name          string `protobuf:"bytes,5,opt,name=name,proto3" json:"name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChatMessage) Reset() {
 	*x = ChatMessage{}
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[2]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -441,7 +1028,7 @@ func (x *ChatMessage) String() string {
 func (*ChatMessage) ProtoMessage() {}
 
 func (x *ChatMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[2]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -454,7 +1041,7 @@ func (x *ChatMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
 func (*ChatMessage) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{2}
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ChatMessage) GetRole() string {
@@ -471,6 +1058,27 @@ func (x *ChatMessage) GetContent() string {
 	return ""
 }
 
+func (x *ChatMessage) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *ChatMessage) GetToolCallId() string {
+	if x != nil {
+		return x.ToolCallId
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 // TokenIds is a prompt given as token ids.
 type TokenIds struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -482,7 +1090,7 @@ type TokenIds struct {
 
 func (x *TokenIds) Reset() {
 	*x = TokenIds{}
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[3]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -494,7 +1102,7 @@ func (x *TokenIds) String() string {
 func (*TokenIds) ProtoMessage() {}
 
 func (x *TokenIds) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[3]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -507,12 +1115,131 @@ func (x *TokenIds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenIds.ProtoReflect.Descriptor instead.
 func (*TokenIds) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{3}
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *TokenIds) GetIds() []uint32 {
 	if x != nil {
 		return x.Ids
+	}
+	return nil
+}
+
+// TokenLogprob is a token with its log probability.
+type TokenLogprob struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token id.
+	TokenId uint32 `protobuf:"varint,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	// Its text (special tokens included; may be part of a multi-byte character).
+	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
+	// Its log probability (natural log), from the model's distribution.
+	Logprob       float32 `protobuf:"fixed32,3,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprob) Reset() {
+	*x = TokenLogprob{}
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprob) ProtoMessage() {}
+
+func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
+func (*TokenLogprob) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *TokenLogprob) GetTokenId() uint32 {
+	if x != nil {
+		return x.TokenId
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *TokenLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+// Logprobs are a token's log probability and its most likely alternatives.
+type Logprobs struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token (generated, or of the prompt).
+	Token *TokenLogprob `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// The most likely tokens at this position, most likely first (GenerateRequest.top_logprobs).
+	Top           []*TokenLogprob `protobuf:"bytes,2,rep,name=top,proto3" json:"top,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Logprobs) Reset() {
+	*x = Logprobs{}
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Logprobs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Logprobs) ProtoMessage() {}
+
+func (x *Logprobs) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Logprobs.ProtoReflect.Descriptor instead.
+func (*Logprobs) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Logprobs) GetToken() *TokenLogprob {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *Logprobs) GetTop() []*TokenLogprob {
+	if x != nil {
+		return x.Top
 	}
 	return nil
 }
@@ -540,7 +1267,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[4]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -552,7 +1279,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[4]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -565,7 +1292,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{4}
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -632,14 +1359,31 @@ type GenerateResponse struct {
 	Usage *Usage `protobuf:"bytes,5,opt,name=usage,proto3" json:"usage,omitempty"`
 	// The stop string or stop token text that ended the generation (finish reason
 	// FINISH_REASON_STOP_SEQUENCE); set only in the last message.
-	MatchedStop   string `protobuf:"bytes,6,opt,name=matched_stop,json=matchedStop,proto3" json:"matched_stop,omitempty"`
+	MatchedStop string `protobuf:"bytes,6,opt,name=matched_stop,json=matchedStop,proto3" json:"matched_stop,omitempty"`
+	// With GenerateRequest.logprobs: one entry per token of token_ids, in order.
+	Logprobs []*Logprobs `protobuf:"bytes,7,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// With GenerateRequest.prompt_logprobs: one entry per prompt token after the first; in the
+	// first message of sample 0 only.
+	PromptLogprobs []*Logprobs `protobuf:"bytes,8,rep,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"`
+	// Which sample this message belongs to (0 to n-1).
+	Index uint32 `protobuf:"varint,9,opt,name=index,proto3" json:"index,omitempty"`
+	// The seed this sample's random state started from (the request's, plus the index, or one
+	// drawn for it); set in each sample's first message.
+	Seed *uint64 `protobuf:"varint,10,opt,name=seed,proto3,oneof" json:"seed,omitempty"`
+	// The caller's GenerateRequest.client_request_id.
+	ClientRequestId string `protobuf:"bytes,11,opt,name=client_request_id,json=clientRequestId,proto3" json:"client_request_id,omitempty"`
+	// Tool calls parsed from the output with the model family's tool parser (the text stays in
+	// `text` as generated); set only in a sample's last message.
+	ToolCalls []*ToolCall `protobuf:"bytes,12,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// With n > 1: the usage of all samples together, in the stream's very last message.
+	TotalUsage    *Usage `protobuf:"bytes,13,opt,name=total_usage,json=totalUsage,proto3" json:"total_usage,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[5]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -651,7 +1395,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[5]
+	mi := &file_mlx_serving_v1_generate_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -664,7 +1408,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{5}
+	return file_mlx_serving_v1_generate_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GenerateResponse) GetRequestId() string {
@@ -709,11 +1453,60 @@ func (x *GenerateResponse) GetMatchedStop() string {
 	return ""
 }
 
+func (x *GenerateResponse) GetLogprobs() []*Logprobs {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
+}
+
+func (x *GenerateResponse) GetPromptLogprobs() []*Logprobs {
+	if x != nil {
+		return x.PromptLogprobs
+	}
+	return nil
+}
+
+func (x *GenerateResponse) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *GenerateResponse) GetSeed() uint64 {
+	if x != nil && x.Seed != nil {
+		return *x.Seed
+	}
+	return 0
+}
+
+func (x *GenerateResponse) GetClientRequestId() string {
+	if x != nil {
+		return x.ClientRequestId
+	}
+	return ""
+}
+
+func (x *GenerateResponse) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *GenerateResponse) GetTotalUsage() *Usage {
+	if x != nil {
+		return x.TotalUsage
+	}
+	return nil
+}
+
 var File_mlx_serving_v1_generate_service_proto protoreflect.FileDescriptor
 
 const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"\n" +
-	"%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\"\x87\v\n" +
+	"%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xdb\x10\n" +
 	"\x0fGenerateRequest\x12%\n" +
 	"\bmodel_id\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\amodelId\x12\"\n" +
@@ -721,31 +1514,31 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"\x04chat\x18\x03 \x01(\v2\x1a.mlx_serving.v1.ChatPromptH\x00R\x04chat\x122\n" +
 	"\x06tokens\x18\x04 \x01(\v2\x18.mlx_serving.v1.TokenIdsH\x00R\x06tokens\x12/\n" +
 	"\n" +
-	"max_tokens\x18\x05 \x01(\rB\v\xbaH\b*\x06\x18\x80\x80\b(\x01H\x01R\tmaxTokens\x88\x01\x01\x126\n" +
+	"max_tokens\x18\x05 \x01(\rB\v\xbaH\b*\x06\x18\x80\x80\b(\x01H\x02R\tmaxTokens\x88\x01\x01\x126\n" +
 	"\vtemperature\x18\x06 \x01(\x02B\x0f\xbaH\f\n" +
 	"\n" +
-	"\x1d\x00\x00\x00@-\x00\x00\x00\x00H\x02R\vtemperature\x88\x01\x01\x12)\n" +
+	"\x1d\x00\x00\x00@-\x00\x00\x00\x00H\x03R\vtemperature\x88\x01\x01\x12)\n" +
 	"\x05top_p\x18\a \x01(\x02B\x0f\xbaH\f\n" +
 	"\n" +
-	"\x1d\x00\x00\x80?%\x00\x00\x00\x00H\x03R\x04topP\x88\x01\x01\x12#\n" +
-	"\x05top_k\x18\b \x01(\rB\t\xbaH\x06*\x04\x18\xa0\x8d\x06H\x04R\x04topK\x88\x01\x01\x12\x17\n" +
-	"\x04seed\x18\t \x01(\x04H\x05R\x04seed\x88\x01\x01\x12)\n" +
+	"\x1d\x00\x00\x80?%\x00\x00\x00\x00H\x04R\x04topP\x88\x01\x01\x12#\n" +
+	"\x05top_k\x18\b \x01(\rB\t\xbaH\x06*\x04\x18\xa0\x8d\x06H\x05R\x04topK\x88\x01\x01\x12\x17\n" +
+	"\x04seed\x18\t \x01(\x04H\x06R\x04seed\x88\x01\x01\x12)\n" +
 	"\x05min_p\x18\n" +
 	" \x01(\x02B\x0f\xbaH\f\n" +
 	"\n" +
-	"\x1d\x00\x00\x80?-\x00\x00\x00\x00H\x06R\x04minP\x88\x01\x01\x12C\n" +
+	"\x1d\x00\x00\x80?-\x00\x00\x00\x00H\aR\x04minP\x88\x01\x01\x12C\n" +
 	"\x12repetition_penalty\x18\v \x01(\x02B\x0f\xbaH\f\n" +
 	"\n" +
-	"\x1d\x00\x00 A%\x00\x00\x00\x00H\aR\x11repetitionPenalty\x88\x01\x01\x12?\n" +
+	"\x1d\x00\x00 A%\x00\x00\x00\x00H\bR\x11repetitionPenalty\x88\x01\x01\x12?\n" +
 	"\x10presence_penalty\x18\f \x01(\x02B\x0f\xbaH\f\n" +
 	"\n" +
-	"\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\bR\x0fpresencePenalty\x88\x01\x01\x12A\n" +
+	"\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\tR\x0fpresencePenalty\x88\x01\x01\x12A\n" +
 	"\x11frequency_penalty\x18\r \x01(\x02B\x0f\xbaH\f\n" +
 	"\n" +
-	"\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\tR\x10frequencyPenalty\x88\x01\x01\x128\n" +
+	"\x1d\x00\x00\x00@-\x00\x00\x00\xc0H\n" +
+	"R\x10frequencyPenalty\x88\x01\x01\x128\n" +
 	"\x0fpenalty_context\x18\x0e \x01(\rB\n" +
-	"\xbaH\a*\x05\x18\x80 (\x01H\n" +
-	"R\x0epenaltyContext\x88\x01\x01\x12f\n" +
+	"\xbaH\a*\x05\x18\x80 (\x01H\vR\x0epenaltyContext\x88\x01\x01\x12f\n" +
 	"\n" +
 	"logit_bias\x18\x0f \x03(\v2..mlx_serving.v1.GenerateRequest.LogitBiasEntryB\x17\xbaH\x14\x9a\x01\x11\x10\x80\b*\f\n" +
 	"\n" +
@@ -756,14 +1549,33 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"ignore_eos\x18\x12 \x01(\bR\tignoreEos\x12!\n" +
 	"\finclude_stop\x18\x13 \x01(\bR\vincludeStop\x12b\n" +
 	"\bmetadata\x18\x14 \x03(\v2-.mlx_serving.v1.GenerateRequest.MetadataEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x02R\bmetadata\x124\n" +
-	"\x16include_special_tokens\x18\x15 \x01(\bR\x14includeSpecialTokens\x1a<\n" +
+	"\x16include_special_tokens\x18\x15 \x01(\bR\x14includeSpecialTokens\x12.\n" +
+	"\vjson_schema\x18\x16 \x01(\tB\v\xbaH\br\x06\x10\x02(\x80\x80@H\x01R\n" +
+	"jsonSchema\x12=\n" +
+	"\vjson_object\x18\x17 \x01(\v2\x1a.mlx_serving.v1.JsonObjectH\x01R\n" +
+	"jsonObject\x12#\n" +
+	"\x05regex\x18\x18 \x01(\tB\v\xbaH\br\x06\x10\x01(\x80\x80@H\x01R\x05regex\x12'\n" +
+	"\agrammar\x18\x19 \x01(\tB\v\xbaH\br\x06\x10\x01(\x80\x80@H\x01R\agrammar\x120\n" +
+	"\x06choice\x18\x1a \x01(\v2\x16.mlx_serving.v1.ChoiceH\x01R\x06choice\x12\x1a\n" +
+	"\blogprobs\x18\x1b \x01(\bR\blogprobs\x12*\n" +
+	"\ftop_logprobs\x18\x1c \x01(\rB\a\xbaH\x04*\x02\x18\x14R\vtopLogprobs\x125\n" +
+	"\x0fprompt_logprobs\x18\x1d \x01(\rB\a\xbaH\x04*\x02\x18\x14H\fR\x0epromptLogprobs\x88\x01\x01\x12K\n" +
+	"\x11client_request_id\x18\x1e \x01(\tB\x1f\xbaH\x1cr\x1a\x18\x80\x012\x15^[A-Za-z0-9._:/+=-]*$R\x0fclientRequestId\x12\x1c\n" +
+	"\x01n\x18\x1f \x01(\rB\t\xbaH\x06*\x04\x18\x10(\x01H\rR\x01n\x88\x01\x01\x12(\n" +
+	"\n" +
+	"min_tokens\x18  \x01(\rB\t\xbaH\x06*\x04\x18\x80\x80\bR\tminTokens\x12B\n" +
+	"\x16truncate_prompt_tokens\x18! \x01(\rB\a\xbaH\x04*\x02(\x01H\x0eR\x14truncatePromptTokens\x88\x01\x01\x12H\n" +
+	"\n" +
+	"time_limit\x18\" \x01(\v2\x19.google.protobuf.DurationB\x0e\xbaH\v\xaa\x01\b\"\x04\b\x80\xa3\x05*\x00R\ttimeLimit\x1a<\n" +
 	"\x0eLogitBiasEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0f\n" +
-	"\x06prompt\x12\x05\xbaH\x02\b\x01B\r\n" +
+	"\x06prompt\x12\x05\xbaH\x02\b\x01B\f\n" +
+	"\n" +
+	"constraintB\r\n" +
 	"\v_max_tokensB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\b\n" +
@@ -773,18 +1585,56 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"\x13_repetition_penaltyB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
 	"\x12_frequency_penaltyB\x12\n" +
-	"\x10_penalty_context\"\xa5\x01\n" +
+	"\x10_penalty_contextB\x12\n" +
+	"\x10_prompt_logprobsB\x04\n" +
+	"\x02_nB\x19\n" +
+	"\x17_truncate_prompt_tokens\"\f\n" +
+	"\n" +
+	"JsonObject\":\n" +
+	"\x06Choice\x120\n" +
+	"\achoices\x18\x01 \x03(\tB\x16\xbaH\x13\x92\x01\x10\b\x01\x10\x80\b\x18\x01\"\ar\x05\x10\x01\x18\x80 R\achoices\"\xdb\x02\n" +
 	"\n" +
 	"ChatPrompt\x12D\n" +
 	"\bmessages\x18\x01 \x03(\v2\x1b.mlx_serving.v1.ChatMessageB\v\xbaH\b\x92\x01\x05\b\x01\x10\x80 R\bmessages\x127\n" +
-	"\x15add_generation_prompt\x18\x02 \x01(\bH\x00R\x13addGenerationPrompt\x88\x01\x01B\x18\n" +
-	"\x16_add_generation_prompt\"R\n" +
+	"\x15add_generation_prompt\x18\x02 \x01(\bH\x00R\x13addGenerationPrompt\x88\x01\x01\x125\n" +
+	"\x05tools\x18\x03 \x03(\v2\x14.mlx_serving.v1.ToolB\t\xbaH\x06\x92\x01\x03\x10\x80\x01R\x05tools\x12;\n" +
+	"\vtool_choice\x18\x04 \x01(\v2\x1a.mlx_serving.v1.ToolChoiceR\n" +
+	"toolChoice\x12@\n" +
+	"\x0ftemplate_kwargs\x18\x05 \x01(\v2\x17.google.protobuf.StructR\x0etemplateKwargsB\x18\n" +
+	"\x16_add_generation_prompt\"\x90\x01\n" +
+	"\x04Tool\x120\n" +
+	"\x04name\x18\x01 \x01(\tB\x1c\xbaH\x19r\x17\x10\x01\x18@2\x11^[A-Za-z0-9_.-]+$R\x04name\x12+\n" +
+	"\vdescription\x18\x02 \x01(\tB\t\xbaH\x06r\x04(\x80\x80\x04R\vdescription\x12)\n" +
+	"\n" +
+	"parameters\x18\x03 \x01(\tB\t\xbaH\x06r\x04(\x80\x80\x10R\n" +
+	"parameters\"m\n" +
+	"\n" +
+	"ToolChoice\x124\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1e.mlx_serving.v1.ToolChoiceModeH\x00R\x04mode\x12\x1f\n" +
+	"\x04tool\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@H\x00R\x04toolB\b\n" +
+	"\x06choice\"l\n" +
+	"\bToolCall\x12\x18\n" +
+	"\x02id\x18\x01 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x01R\x02id\x12\x1d\n" +
+	"\x04name\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\x04name\x12'\n" +
+	"\targuments\x18\x03 \x01(\tB\t\xbaH\x06r\x04(\x80\x80@R\targuments\"\xdf\x01\n" +
 	"\vChatMessage\x12\x1d\n" +
 	"\x04role\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\x04role\x12$\n" +
 	"\acontent\x18\x02 \x01(\tB\n" +
-	"\xbaH\ar\x05(\x80\x80\x80\x02R\acontent\"*\n" +
+	"\xbaH\ar\x05(\x80\x80\x80\x02R\acontent\x12B\n" +
+	"\n" +
+	"tool_calls\x18\x03 \x03(\v2\x18.mlx_serving.v1.ToolCallB\t\xbaH\x06\x92\x01\x03\x10\x80\x01R\ttoolCalls\x12*\n" +
+	"\ftool_call_id\x18\x04 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x01R\n" +
+	"toolCallId\x12\x1b\n" +
+	"\x04name\x18\x05 \x01(\tB\a\xbaH\x04r\x02\x18@R\x04name\"*\n" +
 	"\bTokenIds\x12\x1e\n" +
-	"\x03ids\x18\x01 \x03(\rB\f\xbaH\t\x92\x01\x06\b\x01\x10\x80\x80@R\x03ids\"\xf5\x02\n" +
+	"\x03ids\x18\x01 \x03(\rB\f\xbaH\t\x92\x01\x06\b\x01\x10\x80\x80@R\x03ids\"W\n" +
+	"\fTokenLogprob\x12\x19\n" +
+	"\btoken_id\x18\x01 \x01(\rR\atokenId\x12\x12\n" +
+	"\x04text\x18\x02 \x01(\tR\x04text\x12\x18\n" +
+	"\alogprob\x18\x03 \x01(\x02R\alogprob\"n\n" +
+	"\bLogprobs\x122\n" +
+	"\x05token\x18\x01 \x01(\v2\x1c.mlx_serving.v1.TokenLogprobR\x05token\x12.\n" +
+	"\x03top\x18\x02 \x03(\v2\x1c.mlx_serving.v1.TokenLogprobR\x03top\"\xf5\x02\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\rR\x10completionTokens\x12H\n" +
@@ -794,7 +1644,7 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"total_time\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\ttotalTime\x120\n" +
 	"\x14cached_prompt_tokens\x18\x06 \x01(\rR\x12cachedPromptTokens\x128\n" +
 	"\n" +
-	"queue_time\x18\a \x01(\v2\x19.google.protobuf.DurationR\tqueueTime\"\xf5\x01\n" +
+	"queue_time\x18\a \x01(\v2\x19.google.protobuf.DurationR\tqueueTime\"\xc3\x04\n" +
 	"\x10GenerateResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x12\n" +
@@ -802,14 +1652,32 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"\ttoken_ids\x18\x03 \x03(\rR\btokenIds\x12A\n" +
 	"\rfinish_reason\x18\x04 \x01(\x0e2\x1c.mlx_serving.v1.FinishReasonR\ffinishReason\x12+\n" +
 	"\x05usage\x18\x05 \x01(\v2\x15.mlx_serving.v1.UsageR\x05usage\x12!\n" +
-	"\fmatched_stop\x18\x06 \x01(\tR\vmatchedStop*\xce\x01\n" +
+	"\fmatched_stop\x18\x06 \x01(\tR\vmatchedStop\x124\n" +
+	"\blogprobs\x18\a \x03(\v2\x18.mlx_serving.v1.LogprobsR\blogprobs\x12A\n" +
+	"\x0fprompt_logprobs\x18\b \x03(\v2\x18.mlx_serving.v1.LogprobsR\x0epromptLogprobs\x12\x14\n" +
+	"\x05index\x18\t \x01(\rR\x05index\x12\x17\n" +
+	"\x04seed\x18\n" +
+	" \x01(\x04H\x00R\x04seed\x88\x01\x01\x12*\n" +
+	"\x11client_request_id\x18\v \x01(\tR\x0fclientRequestId\x127\n" +
+	"\n" +
+	"tool_calls\x18\f \x03(\v2\x18.mlx_serving.v1.ToolCallR\ttoolCalls\x126\n" +
+	"\vtotal_usage\x18\r \x01(\v2\x15.mlx_serving.v1.UsageR\n" +
+	"totalUsageB\a\n" +
+	"\x05_seed*\x87\x01\n" +
+	"\x0eToolChoiceMode\x12 \n" +
+	"\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n" +
+	"\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\x94\x02\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18FINISH_REASON_MAX_TOKENS\x10\x01\x12!\n" +
 	"\x1dFINISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1f\n" +
 	"\x1bFINISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n" +
 	"\x17FINISH_REASON_CANCELLED\x10\x04\x12 \n" +
-	"\x1cFINISH_REASON_CONTEXT_LENGTH\x10\x052b\n" +
+	"\x1cFINISH_REASON_CONTEXT_LENGTH\x10\x05\x12\x1c\n" +
+	"\x18FINISH_REASON_TIME_LIMIT\x10\x06\x12&\n" +
+	"\"FINISH_REASON_STRUCTURE_INCOMPLETE\x10\a2b\n" +
 	"\x0fGenerateService\x12O\n" +
 	"\bGenerate\x12\x1f.mlx_serving.v1.GenerateRequest\x1a .mlx_serving.v1.GenerateResponse0\x01B\x87\x01\n" +
 	"\x11dev.mlxserving.v1B\x14GenerateServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3"
@@ -826,38 +1694,61 @@ func file_mlx_serving_v1_generate_service_proto_rawDescGZIP() []byte {
 	return file_mlx_serving_v1_generate_service_proto_rawDescData
 }
 
-var file_mlx_serving_v1_generate_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_mlx_serving_v1_generate_service_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_mlx_serving_v1_generate_service_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_mlx_serving_v1_generate_service_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_mlx_serving_v1_generate_service_proto_goTypes = []any{
-	(FinishReason)(0),           // 0: mlx_serving.v1.FinishReason
-	(*GenerateRequest)(nil),     // 1: mlx_serving.v1.GenerateRequest
-	(*ChatPrompt)(nil),          // 2: mlx_serving.v1.ChatPrompt
-	(*ChatMessage)(nil),         // 3: mlx_serving.v1.ChatMessage
-	(*TokenIds)(nil),            // 4: mlx_serving.v1.TokenIds
-	(*Usage)(nil),               // 5: mlx_serving.v1.Usage
-	(*GenerateResponse)(nil),    // 6: mlx_serving.v1.GenerateResponse
-	nil,                         // 7: mlx_serving.v1.GenerateRequest.LogitBiasEntry
-	nil,                         // 8: mlx_serving.v1.GenerateRequest.MetadataEntry
-	(*durationpb.Duration)(nil), // 9: google.protobuf.Duration
+	(ToolChoiceMode)(0),         // 0: mlx_serving.v1.ToolChoiceMode
+	(FinishReason)(0),           // 1: mlx_serving.v1.FinishReason
+	(*GenerateRequest)(nil),     // 2: mlx_serving.v1.GenerateRequest
+	(*JsonObject)(nil),          // 3: mlx_serving.v1.JsonObject
+	(*Choice)(nil),              // 4: mlx_serving.v1.Choice
+	(*ChatPrompt)(nil),          // 5: mlx_serving.v1.ChatPrompt
+	(*Tool)(nil),                // 6: mlx_serving.v1.Tool
+	(*ToolChoice)(nil),          // 7: mlx_serving.v1.ToolChoice
+	(*ToolCall)(nil),            // 8: mlx_serving.v1.ToolCall
+	(*ChatMessage)(nil),         // 9: mlx_serving.v1.ChatMessage
+	(*TokenIds)(nil),            // 10: mlx_serving.v1.TokenIds
+	(*TokenLogprob)(nil),        // 11: mlx_serving.v1.TokenLogprob
+	(*Logprobs)(nil),            // 12: mlx_serving.v1.Logprobs
+	(*Usage)(nil),               // 13: mlx_serving.v1.Usage
+	(*GenerateResponse)(nil),    // 14: mlx_serving.v1.GenerateResponse
+	nil,                         // 15: mlx_serving.v1.GenerateRequest.LogitBiasEntry
+	nil,                         // 16: mlx_serving.v1.GenerateRequest.MetadataEntry
+	(*durationpb.Duration)(nil), // 17: google.protobuf.Duration
+	(*structpb.Struct)(nil),     // 18: google.protobuf.Struct
 }
 var file_mlx_serving_v1_generate_service_proto_depIdxs = []int32{
-	2,  // 0: mlx_serving.v1.GenerateRequest.chat:type_name -> mlx_serving.v1.ChatPrompt
-	4,  // 1: mlx_serving.v1.GenerateRequest.tokens:type_name -> mlx_serving.v1.TokenIds
-	7,  // 2: mlx_serving.v1.GenerateRequest.logit_bias:type_name -> mlx_serving.v1.GenerateRequest.LogitBiasEntry
-	8,  // 3: mlx_serving.v1.GenerateRequest.metadata:type_name -> mlx_serving.v1.GenerateRequest.MetadataEntry
-	3,  // 4: mlx_serving.v1.ChatPrompt.messages:type_name -> mlx_serving.v1.ChatMessage
-	9,  // 5: mlx_serving.v1.Usage.time_to_first_token:type_name -> google.protobuf.Duration
-	9,  // 6: mlx_serving.v1.Usage.total_time:type_name -> google.protobuf.Duration
-	9,  // 7: mlx_serving.v1.Usage.queue_time:type_name -> google.protobuf.Duration
-	0,  // 8: mlx_serving.v1.GenerateResponse.finish_reason:type_name -> mlx_serving.v1.FinishReason
-	5,  // 9: mlx_serving.v1.GenerateResponse.usage:type_name -> mlx_serving.v1.Usage
-	1,  // 10: mlx_serving.v1.GenerateService.Generate:input_type -> mlx_serving.v1.GenerateRequest
-	6,  // 11: mlx_serving.v1.GenerateService.Generate:output_type -> mlx_serving.v1.GenerateResponse
-	11, // [11:12] is the sub-list for method output_type
-	10, // [10:11] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	5,  // 0: mlx_serving.v1.GenerateRequest.chat:type_name -> mlx_serving.v1.ChatPrompt
+	10, // 1: mlx_serving.v1.GenerateRequest.tokens:type_name -> mlx_serving.v1.TokenIds
+	15, // 2: mlx_serving.v1.GenerateRequest.logit_bias:type_name -> mlx_serving.v1.GenerateRequest.LogitBiasEntry
+	16, // 3: mlx_serving.v1.GenerateRequest.metadata:type_name -> mlx_serving.v1.GenerateRequest.MetadataEntry
+	3,  // 4: mlx_serving.v1.GenerateRequest.json_object:type_name -> mlx_serving.v1.JsonObject
+	4,  // 5: mlx_serving.v1.GenerateRequest.choice:type_name -> mlx_serving.v1.Choice
+	17, // 6: mlx_serving.v1.GenerateRequest.time_limit:type_name -> google.protobuf.Duration
+	9,  // 7: mlx_serving.v1.ChatPrompt.messages:type_name -> mlx_serving.v1.ChatMessage
+	6,  // 8: mlx_serving.v1.ChatPrompt.tools:type_name -> mlx_serving.v1.Tool
+	7,  // 9: mlx_serving.v1.ChatPrompt.tool_choice:type_name -> mlx_serving.v1.ToolChoice
+	18, // 10: mlx_serving.v1.ChatPrompt.template_kwargs:type_name -> google.protobuf.Struct
+	0,  // 11: mlx_serving.v1.ToolChoice.mode:type_name -> mlx_serving.v1.ToolChoiceMode
+	8,  // 12: mlx_serving.v1.ChatMessage.tool_calls:type_name -> mlx_serving.v1.ToolCall
+	11, // 13: mlx_serving.v1.Logprobs.token:type_name -> mlx_serving.v1.TokenLogprob
+	11, // 14: mlx_serving.v1.Logprobs.top:type_name -> mlx_serving.v1.TokenLogprob
+	17, // 15: mlx_serving.v1.Usage.time_to_first_token:type_name -> google.protobuf.Duration
+	17, // 16: mlx_serving.v1.Usage.total_time:type_name -> google.protobuf.Duration
+	17, // 17: mlx_serving.v1.Usage.queue_time:type_name -> google.protobuf.Duration
+	1,  // 18: mlx_serving.v1.GenerateResponse.finish_reason:type_name -> mlx_serving.v1.FinishReason
+	13, // 19: mlx_serving.v1.GenerateResponse.usage:type_name -> mlx_serving.v1.Usage
+	12, // 20: mlx_serving.v1.GenerateResponse.logprobs:type_name -> mlx_serving.v1.Logprobs
+	12, // 21: mlx_serving.v1.GenerateResponse.prompt_logprobs:type_name -> mlx_serving.v1.Logprobs
+	8,  // 22: mlx_serving.v1.GenerateResponse.tool_calls:type_name -> mlx_serving.v1.ToolCall
+	13, // 23: mlx_serving.v1.GenerateResponse.total_usage:type_name -> mlx_serving.v1.Usage
+	2,  // 24: mlx_serving.v1.GenerateService.Generate:input_type -> mlx_serving.v1.GenerateRequest
+	14, // 25: mlx_serving.v1.GenerateService.Generate:output_type -> mlx_serving.v1.GenerateResponse
+	25, // [25:26] is the sub-list for method output_type
+	24, // [24:25] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_mlx_serving_v1_generate_service_proto_init() }
@@ -869,15 +1760,25 @@ func file_mlx_serving_v1_generate_service_proto_init() {
 		(*GenerateRequest_Text)(nil),
 		(*GenerateRequest_Chat)(nil),
 		(*GenerateRequest_Tokens)(nil),
+		(*GenerateRequest_JsonSchema)(nil),
+		(*GenerateRequest_JsonObject)(nil),
+		(*GenerateRequest_Regex)(nil),
+		(*GenerateRequest_Grammar)(nil),
+		(*GenerateRequest_Choice)(nil),
 	}
-	file_mlx_serving_v1_generate_service_proto_msgTypes[1].OneofWrappers = []any{}
+	file_mlx_serving_v1_generate_service_proto_msgTypes[3].OneofWrappers = []any{}
+	file_mlx_serving_v1_generate_service_proto_msgTypes[5].OneofWrappers = []any{
+		(*ToolChoice_Mode)(nil),
+		(*ToolChoice_Tool)(nil),
+	}
+	file_mlx_serving_v1_generate_service_proto_msgTypes[12].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mlx_serving_v1_generate_service_proto_rawDesc), len(file_mlx_serving_v1_generate_service_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   8,
+			NumEnums:      2,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -312,8 +312,15 @@ type Model struct {
 	// How many of weight_bytes have been read: the progress of a load in MODEL_STATE_LOADING,
 	// equal to weight_bytes once the model is ready.
 	WeightBytesLoaded uint64 `protobuf:"varint,13,opt,name=weight_bytes_loaded,json=weightBytesLoaded,proto3" json:"weight_bytes_loaded,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The token ids that end a generation.
+	EosTokenIds []uint32 `protobuf:"varint,14,rep,packed,name=eos_token_ids,json=eosTokenIds,proto3" json:"eos_token_ids,omitempty"`
+	// The token id the tokenizer starts a text with, if any.
+	BosTokenId *uint32 `protobuf:"varint,15,opt,name=bos_token_id,json=bosTokenId,proto3,oneof" json:"bos_token_id,omitempty"`
+	// The model's own default sampling parameters (generation_config.json); requests that
+	// leave a parameter unset still get the server's default, not these.
+	GenerationDefaults *GenerationDefaults `protobuf:"bytes,16,opt,name=generation_defaults,json=generationDefaults,proto3" json:"generation_defaults,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Model) Reset() {
@@ -437,6 +444,118 @@ func (x *Model) GetWeightBytesLoaded() uint64 {
 	return 0
 }
 
+func (x *Model) GetEosTokenIds() []uint32 {
+	if x != nil {
+		return x.EosTokenIds
+	}
+	return nil
+}
+
+func (x *Model) GetBosTokenId() uint32 {
+	if x != nil && x.BosTokenId != nil {
+		return *x.BosTokenId
+	}
+	return 0
+}
+
+func (x *Model) GetGenerationDefaults() *GenerationDefaults {
+	if x != nil {
+		return x.GenerationDefaults
+	}
+	return nil
+}
+
+// GenerationDefaults are the sampling parameters a model's authors recommend.
+type GenerationDefaults struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Sampling temperature.
+	Temperature *float32 `protobuf:"fixed32,1,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`
+	// Nucleus sampling threshold.
+	TopP *float32 `protobuf:"fixed32,2,opt,name=top_p,json=topP,proto3,oneof" json:"top_p,omitempty"`
+	// Top-k cutoff.
+	TopK *uint32 `protobuf:"varint,3,opt,name=top_k,json=topK,proto3,oneof" json:"top_k,omitempty"`
+	// Min-p threshold.
+	MinP *float32 `protobuf:"fixed32,4,opt,name=min_p,json=minP,proto3,oneof" json:"min_p,omitempty"`
+	// Repetition penalty.
+	RepetitionPenalty *float32 `protobuf:"fixed32,5,opt,name=repetition_penalty,json=repetitionPenalty,proto3,oneof" json:"repetition_penalty,omitempty"`
+	// The most tokens to generate.
+	MaxNewTokens  *uint32 `protobuf:"varint,6,opt,name=max_new_tokens,json=maxNewTokens,proto3,oneof" json:"max_new_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerationDefaults) Reset() {
+	*x = GenerationDefaults{}
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerationDefaults) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerationDefaults) ProtoMessage() {}
+
+func (x *GenerationDefaults) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerationDefaults.ProtoReflect.Descriptor instead.
+func (*GenerationDefaults) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *GenerationDefaults) GetTemperature() float32 {
+	if x != nil && x.Temperature != nil {
+		return *x.Temperature
+	}
+	return 0
+}
+
+func (x *GenerationDefaults) GetTopP() float32 {
+	if x != nil && x.TopP != nil {
+		return *x.TopP
+	}
+	return 0
+}
+
+func (x *GenerationDefaults) GetTopK() uint32 {
+	if x != nil && x.TopK != nil {
+		return *x.TopK
+	}
+	return 0
+}
+
+func (x *GenerationDefaults) GetMinP() float32 {
+	if x != nil && x.MinP != nil {
+		return *x.MinP
+	}
+	return 0
+}
+
+func (x *GenerationDefaults) GetRepetitionPenalty() float32 {
+	if x != nil && x.RepetitionPenalty != nil {
+		return *x.RepetitionPenalty
+	}
+	return 0
+}
+
+func (x *GenerationDefaults) GetMaxNewTokens() uint32 {
+	if x != nil && x.MaxNewTokens != nil {
+		return *x.MaxNewTokens
+	}
+	return 0
+}
+
 // LoadModelRequest asks for a model to be loaded.
 type LoadModelRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -451,7 +570,7 @@ type LoadModelRequest struct {
 
 func (x *LoadModelRequest) Reset() {
 	*x = LoadModelRequest{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[4]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -463,7 +582,7 @@ func (x *LoadModelRequest) String() string {
 func (*LoadModelRequest) ProtoMessage() {}
 
 func (x *LoadModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[4]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -476,7 +595,7 @@ func (x *LoadModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadModelRequest.ProtoReflect.Descriptor instead.
 func (*LoadModelRequest) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{4}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *LoadModelRequest) GetModelId() string {
@@ -504,7 +623,7 @@ type LoadModelResponse struct {
 
 func (x *LoadModelResponse) Reset() {
 	*x = LoadModelResponse{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[5]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -516,7 +635,7 @@ func (x *LoadModelResponse) String() string {
 func (*LoadModelResponse) ProtoMessage() {}
 
 func (x *LoadModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[5]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -529,7 +648,7 @@ func (x *LoadModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadModelResponse.ProtoReflect.Descriptor instead.
 func (*LoadModelResponse) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{5}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *LoadModelResponse) GetModel() *Model {
@@ -550,7 +669,7 @@ type UnloadModelRequest struct {
 
 func (x *UnloadModelRequest) Reset() {
 	*x = UnloadModelRequest{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[6]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -562,7 +681,7 @@ func (x *UnloadModelRequest) String() string {
 func (*UnloadModelRequest) ProtoMessage() {}
 
 func (x *UnloadModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[6]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -575,7 +694,7 @@ func (x *UnloadModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadModelRequest.ProtoReflect.Descriptor instead.
 func (*UnloadModelRequest) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{6}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *UnloadModelRequest) GetModelId() string {
@@ -594,7 +713,7 @@ type UnloadModelResponse struct {
 
 func (x *UnloadModelResponse) Reset() {
 	*x = UnloadModelResponse{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[7]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -606,7 +725,7 @@ func (x *UnloadModelResponse) String() string {
 func (*UnloadModelResponse) ProtoMessage() {}
 
 func (x *UnloadModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[7]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -619,7 +738,7 @@ func (x *UnloadModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadModelResponse.ProtoReflect.Descriptor instead.
 func (*UnloadModelResponse) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{7}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{8}
 }
 
 // ListModelsRequest asks for every model.
@@ -631,7 +750,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[8]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -643,7 +762,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[8]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -656,7 +775,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{8}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{9}
 }
 
 // ListModelsResponse lists the models.
@@ -670,7 +789,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[9]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -682,7 +801,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[9]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -695,7 +814,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{9}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListModelsResponse) GetModels() []*Model {
@@ -716,7 +835,7 @@ type GetModelRequest struct {
 
 func (x *GetModelRequest) Reset() {
 	*x = GetModelRequest{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[10]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +847,7 @@ func (x *GetModelRequest) String() string {
 func (*GetModelRequest) ProtoMessage() {}
 
 func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[10]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +860,7 @@ func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelRequest.ProtoReflect.Descriptor instead.
 func (*GetModelRequest) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{10}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetModelRequest) GetModelId() string {
@@ -762,7 +881,7 @@ type GetModelResponse struct {
 
 func (x *GetModelResponse) Reset() {
 	*x = GetModelResponse{}
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[11]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -774,7 +893,7 @@ func (x *GetModelResponse) String() string {
 func (*GetModelResponse) ProtoMessage() {}
 
 func (x *GetModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[11]
+	mi := &file_mlx_serving_v1_model_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -787,7 +906,7 @@ func (x *GetModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelResponse.ProtoReflect.Descriptor instead.
 func (*GetModelResponse) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{11}
+	return file_mlx_serving_v1_model_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetModelResponse) GetModel() *Model {
@@ -815,7 +934,7 @@ const file_mlx_serving_v1_model_service_proto_rawDesc = "" +
 	"\x04bits\x18\x01 \x01(\rR\x04bits\x12\x1d\n" +
 	"\n" +
 	"group_size\x18\x02 \x01(\rR\tgroupSize\x12\x12\n" +
-	"\x04mode\x18\x03 \x01(\tR\x04mode\"\xb0\x04\n" +
+	"\x04mode\x18\x03 \x01(\tR\x04mode\"\xe1\x05\n" +
 	"\x05Model\x12\x19\n" +
 	"\bmodel_id\x18\x01 \x01(\tR\amodelId\x123\n" +
 	"\x06source\x18\x02 \x01(\v2\x1b.mlx_serving.v1.ModelSourceR\x06source\x120\n" +
@@ -832,7 +951,25 @@ const file_mlx_serving_v1_model_service_proto_rawDesc = "" +
 	"\vloaded_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"loadedTime\x12!\n" +
 	"\fweight_bytes\x18\f \x01(\x04R\vweightBytes\x12.\n" +
-	"\x13weight_bytes_loaded\x18\r \x01(\x04R\x11weightBytesLoaded\"\x99\x01\n" +
+	"\x13weight_bytes_loaded\x18\r \x01(\x04R\x11weightBytesLoaded\x12\"\n" +
+	"\reos_token_ids\x18\x0e \x03(\rR\veosTokenIds\x12%\n" +
+	"\fbos_token_id\x18\x0f \x01(\rH\x00R\n" +
+	"bosTokenId\x88\x01\x01\x12S\n" +
+	"\x13generation_defaults\x18\x10 \x01(\v2\".mlx_serving.v1.GenerationDefaultsR\x12generationDefaultsB\x0f\n" +
+	"\r_bos_token_id\"\xc0\x02\n" +
+	"\x12GenerationDefaults\x12%\n" +
+	"\vtemperature\x18\x01 \x01(\x02H\x00R\vtemperature\x88\x01\x01\x12\x18\n" +
+	"\x05top_p\x18\x02 \x01(\x02H\x01R\x04topP\x88\x01\x01\x12\x18\n" +
+	"\x05top_k\x18\x03 \x01(\rH\x02R\x04topK\x88\x01\x01\x12\x18\n" +
+	"\x05min_p\x18\x04 \x01(\x02H\x03R\x04minP\x88\x01\x01\x122\n" +
+	"\x12repetition_penalty\x18\x05 \x01(\x02H\x04R\x11repetitionPenalty\x88\x01\x01\x12)\n" +
+	"\x0emax_new_tokens\x18\x06 \x01(\rH\x05R\fmaxNewTokens\x88\x01\x01B\x0e\n" +
+	"\f_temperatureB\b\n" +
+	"\x06_top_pB\b\n" +
+	"\x06_top_kB\b\n" +
+	"\x06_min_pB\x15\n" +
+	"\x13_repetition_penaltyB\x11\n" +
+	"\x0f_max_new_tokens\"\x99\x01\n" +
 	"\x10LoadModelRequest\x12H\n" +
 	"\bmodel_id\x18\x01 \x01(\tB-\xbaH*r(2&^([A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$R\amodelId\x12;\n" +
 	"\x06source\x18\x02 \x01(\v2\x1b.mlx_serving.v1.ModelSourceB\x06\xbaH\x03\xc8\x01\x01R\x06source\"@\n" +
@@ -876,46 +1013,48 @@ func file_mlx_serving_v1_model_service_proto_rawDescGZIP() []byte {
 }
 
 var file_mlx_serving_v1_model_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_mlx_serving_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_mlx_serving_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_mlx_serving_v1_model_service_proto_goTypes = []any{
 	(ModelState)(0),               // 0: mlx_serving.v1.ModelState
 	(*ModelSource)(nil),           // 1: mlx_serving.v1.ModelSource
 	(*HuggingFaceRepo)(nil),       // 2: mlx_serving.v1.HuggingFaceRepo
 	(*Quantization)(nil),          // 3: mlx_serving.v1.Quantization
 	(*Model)(nil),                 // 4: mlx_serving.v1.Model
-	(*LoadModelRequest)(nil),      // 5: mlx_serving.v1.LoadModelRequest
-	(*LoadModelResponse)(nil),     // 6: mlx_serving.v1.LoadModelResponse
-	(*UnloadModelRequest)(nil),    // 7: mlx_serving.v1.UnloadModelRequest
-	(*UnloadModelResponse)(nil),   // 8: mlx_serving.v1.UnloadModelResponse
-	(*ListModelsRequest)(nil),     // 9: mlx_serving.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 10: mlx_serving.v1.ListModelsResponse
-	(*GetModelRequest)(nil),       // 11: mlx_serving.v1.GetModelRequest
-	(*GetModelResponse)(nil),      // 12: mlx_serving.v1.GetModelResponse
-	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
+	(*GenerationDefaults)(nil),    // 5: mlx_serving.v1.GenerationDefaults
+	(*LoadModelRequest)(nil),      // 6: mlx_serving.v1.LoadModelRequest
+	(*LoadModelResponse)(nil),     // 7: mlx_serving.v1.LoadModelResponse
+	(*UnloadModelRequest)(nil),    // 8: mlx_serving.v1.UnloadModelRequest
+	(*UnloadModelResponse)(nil),   // 9: mlx_serving.v1.UnloadModelResponse
+	(*ListModelsRequest)(nil),     // 10: mlx_serving.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 11: mlx_serving.v1.ListModelsResponse
+	(*GetModelRequest)(nil),       // 12: mlx_serving.v1.GetModelRequest
+	(*GetModelResponse)(nil),      // 13: mlx_serving.v1.GetModelResponse
+	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
 }
 var file_mlx_serving_v1_model_service_proto_depIdxs = []int32{
 	2,  // 0: mlx_serving.v1.ModelSource.hugging_face:type_name -> mlx_serving.v1.HuggingFaceRepo
 	1,  // 1: mlx_serving.v1.Model.source:type_name -> mlx_serving.v1.ModelSource
 	0,  // 2: mlx_serving.v1.Model.state:type_name -> mlx_serving.v1.ModelState
 	3,  // 3: mlx_serving.v1.Model.quantization:type_name -> mlx_serving.v1.Quantization
-	13, // 4: mlx_serving.v1.Model.loaded_time:type_name -> google.protobuf.Timestamp
-	1,  // 5: mlx_serving.v1.LoadModelRequest.source:type_name -> mlx_serving.v1.ModelSource
-	4,  // 6: mlx_serving.v1.LoadModelResponse.model:type_name -> mlx_serving.v1.Model
-	4,  // 7: mlx_serving.v1.ListModelsResponse.models:type_name -> mlx_serving.v1.Model
-	4,  // 8: mlx_serving.v1.GetModelResponse.model:type_name -> mlx_serving.v1.Model
-	5,  // 9: mlx_serving.v1.ModelService.LoadModel:input_type -> mlx_serving.v1.LoadModelRequest
-	7,  // 10: mlx_serving.v1.ModelService.UnloadModel:input_type -> mlx_serving.v1.UnloadModelRequest
-	9,  // 11: mlx_serving.v1.ModelService.ListModels:input_type -> mlx_serving.v1.ListModelsRequest
-	11, // 12: mlx_serving.v1.ModelService.GetModel:input_type -> mlx_serving.v1.GetModelRequest
-	6,  // 13: mlx_serving.v1.ModelService.LoadModel:output_type -> mlx_serving.v1.LoadModelResponse
-	8,  // 14: mlx_serving.v1.ModelService.UnloadModel:output_type -> mlx_serving.v1.UnloadModelResponse
-	10, // 15: mlx_serving.v1.ModelService.ListModels:output_type -> mlx_serving.v1.ListModelsResponse
-	12, // 16: mlx_serving.v1.ModelService.GetModel:output_type -> mlx_serving.v1.GetModelResponse
-	13, // [13:17] is the sub-list for method output_type
-	9,  // [9:13] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	14, // 4: mlx_serving.v1.Model.loaded_time:type_name -> google.protobuf.Timestamp
+	5,  // 5: mlx_serving.v1.Model.generation_defaults:type_name -> mlx_serving.v1.GenerationDefaults
+	1,  // 6: mlx_serving.v1.LoadModelRequest.source:type_name -> mlx_serving.v1.ModelSource
+	4,  // 7: mlx_serving.v1.LoadModelResponse.model:type_name -> mlx_serving.v1.Model
+	4,  // 8: mlx_serving.v1.ListModelsResponse.models:type_name -> mlx_serving.v1.Model
+	4,  // 9: mlx_serving.v1.GetModelResponse.model:type_name -> mlx_serving.v1.Model
+	6,  // 10: mlx_serving.v1.ModelService.LoadModel:input_type -> mlx_serving.v1.LoadModelRequest
+	8,  // 11: mlx_serving.v1.ModelService.UnloadModel:input_type -> mlx_serving.v1.UnloadModelRequest
+	10, // 12: mlx_serving.v1.ModelService.ListModels:input_type -> mlx_serving.v1.ListModelsRequest
+	12, // 13: mlx_serving.v1.ModelService.GetModel:input_type -> mlx_serving.v1.GetModelRequest
+	7,  // 14: mlx_serving.v1.ModelService.LoadModel:output_type -> mlx_serving.v1.LoadModelResponse
+	9,  // 15: mlx_serving.v1.ModelService.UnloadModel:output_type -> mlx_serving.v1.UnloadModelResponse
+	11, // 16: mlx_serving.v1.ModelService.ListModels:output_type -> mlx_serving.v1.ListModelsResponse
+	13, // 17: mlx_serving.v1.ModelService.GetModel:output_type -> mlx_serving.v1.GetModelResponse
+	14, // [14:18] is the sub-list for method output_type
+	10, // [10:14] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_mlx_serving_v1_model_service_proto_init() }
@@ -927,13 +1066,15 @@ func file_mlx_serving_v1_model_service_proto_init() {
 		(*ModelSource_LocalPath)(nil),
 		(*ModelSource_HuggingFace)(nil),
 	}
+	file_mlx_serving_v1_model_service_proto_msgTypes[3].OneofWrappers = []any{}
+	file_mlx_serving_v1_model_service_proto_msgTypes[4].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mlx_serving_v1_model_service_proto_rawDesc), len(file_mlx_serving_v1_model_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

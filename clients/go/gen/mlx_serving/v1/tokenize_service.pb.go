@@ -32,7 +32,14 @@ type TokenizeRequest struct {
 	// Add the tokenizer's special tokens (such as BOS), as generation from text does.
 	AddSpecialTokens bool `protobuf:"varint,3,opt,name=add_special_tokens,json=addSpecialTokens,proto3" json:"add_special_tokens,omitempty"`
 	// Also return the text of each token.
-	ReturnPieces  bool `protobuf:"varint,4,opt,name=return_pieces,json=returnPieces,proto3" json:"return_pieces,omitempty"`
+	ReturnPieces bool `protobuf:"varint,4,opt,name=return_pieces,json=returnPieces,proto3" json:"return_pieces,omitempty"`
+	// Also return where each token's text lies in the text (TokenizeResponse.offsets).
+	ReturnOffsets bool `protobuf:"varint,5,opt,name=return_offsets,json=returnOffsets,proto3" json:"return_offsets,omitempty"`
+	// Return only the number of tokens (TokenizeResponse.count), not the ids.
+	CountOnly bool `protobuf:"varint,6,opt,name=count_only,json=countOnly,proto3" json:"count_only,omitempty"`
+	// Several texts at once, each answered in TokenizeResponse.results (then `text` must be
+	// empty). Their bytes together count against the same limit as one text.
+	Texts         []string `protobuf:"bytes,7,rep,name=texts,proto3" json:"texts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -95,6 +102,157 @@ func (x *TokenizeRequest) GetReturnPieces() bool {
 	return false
 }
 
+func (x *TokenizeRequest) GetReturnOffsets() bool {
+	if x != nil {
+		return x.ReturnOffsets
+	}
+	return false
+}
+
+func (x *TokenizeRequest) GetCountOnly() bool {
+	if x != nil {
+		return x.CountOnly
+	}
+	return false
+}
+
+func (x *TokenizeRequest) GetTexts() []string {
+	if x != nil {
+		return x.Texts
+	}
+	return nil
+}
+
+// TokenOffset is where a token's text lies in the tokenized text, in Unicode code points
+// (Python string indices): text[start:end].
+type TokenOffset struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The first character.
+	Start uint32 `protobuf:"varint,1,opt,name=start,proto3" json:"start,omitempty"`
+	// One past the last character.
+	End           uint32 `protobuf:"varint,2,opt,name=end,proto3" json:"end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenOffset) Reset() {
+	*x = TokenOffset{}
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenOffset) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenOffset) ProtoMessage() {}
+
+func (x *TokenOffset) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenOffset.ProtoReflect.Descriptor instead.
+func (*TokenOffset) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *TokenOffset) GetStart() uint32 {
+	if x != nil {
+		return x.Start
+	}
+	return 0
+}
+
+func (x *TokenOffset) GetEnd() uint32 {
+	if x != nil {
+		return x.End
+	}
+	return 0
+}
+
+// Tokenized is the tokenization of one text.
+type Tokenized struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token ids (empty with count_only).
+	TokenIds []uint32 `protobuf:"varint,1,rep,packed,name=token_ids,json=tokenIds,proto3" json:"token_ids,omitempty"`
+	// The text of each token, with return_pieces.
+	Pieces []string `protobuf:"bytes,2,rep,name=pieces,proto3" json:"pieces,omitempty"`
+	// Where each token lies in the text, with return_offsets. Special tokens the tokenizer
+	// adds cover no text (start == end).
+	Offsets []*TokenOffset `protobuf:"bytes,3,rep,name=offsets,proto3" json:"offsets,omitempty"`
+	// The number of tokens.
+	Count         uint32 `protobuf:"varint,4,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tokenized) Reset() {
+	*x = Tokenized{}
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tokenized) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tokenized) ProtoMessage() {}
+
+func (x *Tokenized) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tokenized.ProtoReflect.Descriptor instead.
+func (*Tokenized) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Tokenized) GetTokenIds() []uint32 {
+	if x != nil {
+		return x.TokenIds
+	}
+	return nil
+}
+
+func (x *Tokenized) GetPieces() []string {
+	if x != nil {
+		return x.Pieces
+	}
+	return nil
+}
+
+func (x *Tokenized) GetOffsets() []*TokenOffset {
+	if x != nil {
+		return x.Offsets
+	}
+	return nil
+}
+
+func (x *Tokenized) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
 // TokenizeResponse holds the token ids of a text.
 type TokenizeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -102,14 +260,20 @@ type TokenizeResponse struct {
 	TokenIds []uint32 `protobuf:"varint,1,rep,packed,name=token_ids,json=tokenIds,proto3" json:"token_ids,omitempty"`
 	// The text of each token when return_pieces was set; a piece that is part of a
 	// multi-byte character holds the bytes decoded with replacement characters.
-	Pieces        []string `protobuf:"bytes,2,rep,name=pieces,proto3" json:"pieces,omitempty"`
+	Pieces []string `protobuf:"bytes,2,rep,name=pieces,proto3" json:"pieces,omitempty"`
+	// Where each token lies in the text, with return_offsets.
+	Offsets []*TokenOffset `protobuf:"bytes,3,rep,name=offsets,proto3" json:"offsets,omitempty"`
+	// The number of tokens (also set without count_only).
+	Count uint32 `protobuf:"varint,4,opt,name=count,proto3" json:"count,omitempty"`
+	// With TokenizeRequest.texts: one result per text, in order.
+	Results       []*Tokenized `protobuf:"bytes,5,rep,name=results,proto3" json:"results,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[1]
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -121,7 +285,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[1]
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -134,7 +298,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{1}
+	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *TokenizeResponse) GetTokenIds() []uint32 {
@@ -147,6 +311,27 @@ func (x *TokenizeResponse) GetTokenIds() []uint32 {
 func (x *TokenizeResponse) GetPieces() []string {
 	if x != nil {
 		return x.Pieces
+	}
+	return nil
+}
+
+func (x *TokenizeResponse) GetOffsets() []*TokenOffset {
+	if x != nil {
+		return x.Offsets
+	}
+	return nil
+}
+
+func (x *TokenizeResponse) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *TokenizeResponse) GetResults() []*Tokenized {
+	if x != nil {
+		return x.Results
 	}
 	return nil
 }
@@ -166,7 +351,7 @@ type DetokenizeRequest struct {
 
 func (x *DetokenizeRequest) Reset() {
 	*x = DetokenizeRequest{}
-	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[2]
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -178,7 +363,7 @@ func (x *DetokenizeRequest) String() string {
 func (*DetokenizeRequest) ProtoMessage() {}
 
 func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[2]
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -191,7 +376,7 @@ func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
 func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{2}
+	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DetokenizeRequest) GetModelId() string {
@@ -226,7 +411,7 @@ type DetokenizeResponse struct {
 
 func (x *DetokenizeResponse) Reset() {
 	*x = DetokenizeResponse{}
-	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[3]
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -238,7 +423,7 @@ func (x *DetokenizeResponse) String() string {
 func (*DetokenizeResponse) ProtoMessage() {}
 
 func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[3]
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -251,7 +436,7 @@ func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
 func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{3}
+	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DetokenizeResponse) GetText() string {
@@ -261,21 +446,146 @@ func (x *DetokenizeResponse) GetText() string {
 	return ""
 }
 
+// RenderChatTemplateRequest asks for the prompt a chat would give the model.
+type RenderChatTemplateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model whose chat template to use.
+	ModelId string `protobuf:"bytes,1,opt,name=model_id,json=modelId,proto3" json:"model_id,omitempty"`
+	// The conversation, tools and template arguments, as GenerateRequest.chat takes them.
+	Chat          *ChatPrompt `protobuf:"bytes,2,opt,name=chat,proto3" json:"chat,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenderChatTemplateRequest) Reset() {
+	*x = RenderChatTemplateRequest{}
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenderChatTemplateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenderChatTemplateRequest) ProtoMessage() {}
+
+func (x *RenderChatTemplateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenderChatTemplateRequest.ProtoReflect.Descriptor instead.
+func (*RenderChatTemplateRequest) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RenderChatTemplateRequest) GetModelId() string {
+	if x != nil {
+		return x.ModelId
+	}
+	return ""
+}
+
+func (x *RenderChatTemplateRequest) GetChat() *ChatPrompt {
+	if x != nil {
+		return x.Chat
+	}
+	return nil
+}
+
+// RenderChatTemplateResponse is the prompt as the model would see it.
+type RenderChatTemplateResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The rendered text.
+	Text string `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
+	// Its token ids, exactly those generation would start from.
+	TokenIds      []uint32 `protobuf:"varint,2,rep,packed,name=token_ids,json=tokenIds,proto3" json:"token_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenderChatTemplateResponse) Reset() {
+	*x = RenderChatTemplateResponse{}
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenderChatTemplateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenderChatTemplateResponse) ProtoMessage() {}
+
+func (x *RenderChatTemplateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_tokenize_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenderChatTemplateResponse.ProtoReflect.Descriptor instead.
+func (*RenderChatTemplateResponse) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RenderChatTemplateResponse) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *RenderChatTemplateResponse) GetTokenIds() []uint32 {
+	if x != nil {
+		return x.TokenIds
+	}
+	return nil
+}
+
 var File_mlx_serving_v1_tokenize_service_proto protoreflect.FileDescriptor
 
 const file_mlx_serving_v1_tokenize_service_proto_rawDesc = "" +
 	"\n" +
-	"%mlx_serving/v1/tokenize_service.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\"\xab\x01\n" +
+	"%mlx_serving/v1/tokenize_service.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\x1a%mlx_serving/v1/generate_service.proto\"\x9b\x02\n" +
 	"\x0fTokenizeRequest\x12%\n" +
 	"\bmodel_id\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\amodelId\x12\x1e\n" +
 	"\x04text\x18\x02 \x01(\tB\n" +
 	"\xbaH\ar\x05(\x80\x80\x80\x02R\x04text\x12,\n" +
 	"\x12add_special_tokens\x18\x03 \x01(\bR\x10addSpecialTokens\x12#\n" +
-	"\rreturn_pieces\x18\x04 \x01(\bR\freturnPieces\"G\n" +
+	"\rreturn_pieces\x18\x04 \x01(\bR\freturnPieces\x12%\n" +
+	"\x0ereturn_offsets\x18\x05 \x01(\bR\rreturnOffsets\x12\x1d\n" +
+	"\n" +
+	"count_only\x18\x06 \x01(\bR\tcountOnly\x12(\n" +
+	"\x05texts\x18\a \x03(\tB\x12\xbaH\x0f\x92\x01\f\x10\x80\b\"\ar\x05(\x80\x80\x80\x02R\x05texts\"5\n" +
+	"\vTokenOffset\x12\x14\n" +
+	"\x05start\x18\x01 \x01(\rR\x05start\x12\x10\n" +
+	"\x03end\x18\x02 \x01(\rR\x03end\"\x8d\x01\n" +
+	"\tTokenized\x12\x1b\n" +
+	"\ttoken_ids\x18\x01 \x03(\rR\btokenIds\x12\x16\n" +
+	"\x06pieces\x18\x02 \x03(\tR\x06pieces\x125\n" +
+	"\aoffsets\x18\x03 \x03(\v2\x1b.mlx_serving.v1.TokenOffsetR\aoffsets\x12\x14\n" +
+	"\x05count\x18\x04 \x01(\rR\x05count\"\xc9\x01\n" +
 	"\x10TokenizeResponse\x12\x1b\n" +
 	"\ttoken_ids\x18\x01 \x03(\rR\btokenIds\x12\x16\n" +
-	"\x06pieces\x18\x02 \x03(\tR\x06pieces\"\x93\x01\n" +
+	"\x06pieces\x18\x02 \x03(\tR\x06pieces\x125\n" +
+	"\aoffsets\x18\x03 \x03(\v2\x1b.mlx_serving.v1.TokenOffsetR\aoffsets\x12\x14\n" +
+	"\x05count\x18\x04 \x01(\rR\x05count\x123\n" +
+	"\aresults\x18\x05 \x03(\v2\x19.mlx_serving.v1.TokenizedR\aresults\"\x93\x01\n" +
 	"\x11DetokenizeRequest\x12%\n" +
 	"\bmodel_id\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\amodelId\x12'\n" +
@@ -283,11 +593,19 @@ const file_mlx_serving_v1_tokenize_service_proto_rawDesc = "" +
 	"\xbaH\a\x92\x01\x04\x10\x80\x80@R\btokenIds\x12.\n" +
 	"\x13skip_special_tokens\x18\x03 \x01(\bR\x11skipSpecialTokens\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
-	"\x04text\x18\x01 \x01(\tR\x04text2\xb5\x01\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text\"z\n" +
+	"\x19RenderChatTemplateRequest\x12%\n" +
+	"\bmodel_id\x18\x01 \x01(\tB\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\amodelId\x126\n" +
+	"\x04chat\x18\x02 \x01(\v2\x1a.mlx_serving.v1.ChatPromptB\x06\xbaH\x03\xc8\x01\x01R\x04chat\"M\n" +
+	"\x1aRenderChatTemplateResponse\x12\x12\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
+	"\ttoken_ids\x18\x02 \x03(\rR\btokenIds2\xa2\x02\n" +
 	"\x0fTokenizeService\x12M\n" +
 	"\bTokenize\x12\x1f.mlx_serving.v1.TokenizeRequest\x1a .mlx_serving.v1.TokenizeResponse\x12S\n" +
 	"\n" +
-	"Detokenize\x12!.mlx_serving.v1.DetokenizeRequest\x1a\".mlx_serving.v1.DetokenizeResponseB\x87\x01\n" +
+	"Detokenize\x12!.mlx_serving.v1.DetokenizeRequest\x1a\".mlx_serving.v1.DetokenizeResponse\x12k\n" +
+	"\x12RenderChatTemplate\x12).mlx_serving.v1.RenderChatTemplateRequest\x1a*.mlx_serving.v1.RenderChatTemplateResponseB\x87\x01\n" +
 	"\x11dev.mlxserving.v1B\x14TokenizeServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3"
 
 var (
@@ -302,23 +620,34 @@ func file_mlx_serving_v1_tokenize_service_proto_rawDescGZIP() []byte {
 	return file_mlx_serving_v1_tokenize_service_proto_rawDescData
 }
 
-var file_mlx_serving_v1_tokenize_service_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_mlx_serving_v1_tokenize_service_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_mlx_serving_v1_tokenize_service_proto_goTypes = []any{
-	(*TokenizeRequest)(nil),    // 0: mlx_serving.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),   // 1: mlx_serving.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),  // 2: mlx_serving.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil), // 3: mlx_serving.v1.DetokenizeResponse
+	(*TokenizeRequest)(nil),            // 0: mlx_serving.v1.TokenizeRequest
+	(*TokenOffset)(nil),                // 1: mlx_serving.v1.TokenOffset
+	(*Tokenized)(nil),                  // 2: mlx_serving.v1.Tokenized
+	(*TokenizeResponse)(nil),           // 3: mlx_serving.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),          // 4: mlx_serving.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),         // 5: mlx_serving.v1.DetokenizeResponse
+	(*RenderChatTemplateRequest)(nil),  // 6: mlx_serving.v1.RenderChatTemplateRequest
+	(*RenderChatTemplateResponse)(nil), // 7: mlx_serving.v1.RenderChatTemplateResponse
+	(*ChatPrompt)(nil),                 // 8: mlx_serving.v1.ChatPrompt
 }
 var file_mlx_serving_v1_tokenize_service_proto_depIdxs = []int32{
-	0, // 0: mlx_serving.v1.TokenizeService.Tokenize:input_type -> mlx_serving.v1.TokenizeRequest
-	2, // 1: mlx_serving.v1.TokenizeService.Detokenize:input_type -> mlx_serving.v1.DetokenizeRequest
-	1, // 2: mlx_serving.v1.TokenizeService.Tokenize:output_type -> mlx_serving.v1.TokenizeResponse
-	3, // 3: mlx_serving.v1.TokenizeService.Detokenize:output_type -> mlx_serving.v1.DetokenizeResponse
-	2, // [2:4] is the sub-list for method output_type
-	0, // [0:2] is the sub-list for method input_type
-	0, // [0:0] is the sub-list for extension type_name
-	0, // [0:0] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	1, // 0: mlx_serving.v1.Tokenized.offsets:type_name -> mlx_serving.v1.TokenOffset
+	1, // 1: mlx_serving.v1.TokenizeResponse.offsets:type_name -> mlx_serving.v1.TokenOffset
+	2, // 2: mlx_serving.v1.TokenizeResponse.results:type_name -> mlx_serving.v1.Tokenized
+	8, // 3: mlx_serving.v1.RenderChatTemplateRequest.chat:type_name -> mlx_serving.v1.ChatPrompt
+	0, // 4: mlx_serving.v1.TokenizeService.Tokenize:input_type -> mlx_serving.v1.TokenizeRequest
+	4, // 5: mlx_serving.v1.TokenizeService.Detokenize:input_type -> mlx_serving.v1.DetokenizeRequest
+	6, // 6: mlx_serving.v1.TokenizeService.RenderChatTemplate:input_type -> mlx_serving.v1.RenderChatTemplateRequest
+	3, // 7: mlx_serving.v1.TokenizeService.Tokenize:output_type -> mlx_serving.v1.TokenizeResponse
+	5, // 8: mlx_serving.v1.TokenizeService.Detokenize:output_type -> mlx_serving.v1.DetokenizeResponse
+	7, // 9: mlx_serving.v1.TokenizeService.RenderChatTemplate:output_type -> mlx_serving.v1.RenderChatTemplateResponse
+	7, // [7:10] is the sub-list for method output_type
+	4, // [4:7] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_mlx_serving_v1_tokenize_service_proto_init() }
@@ -326,13 +655,14 @@ func file_mlx_serving_v1_tokenize_service_proto_init() {
 	if File_mlx_serving_v1_tokenize_service_proto != nil {
 		return
 	}
+	file_mlx_serving_v1_generate_service_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mlx_serving_v1_tokenize_service_proto_rawDesc), len(file_mlx_serving_v1_tokenize_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,8 +19,9 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TokenizeService_Tokenize_FullMethodName   = "/mlx_serving.v1.TokenizeService/Tokenize"
-	TokenizeService_Detokenize_FullMethodName = "/mlx_serving.v1.TokenizeService/Detokenize"
+	TokenizeService_Tokenize_FullMethodName           = "/mlx_serving.v1.TokenizeService/Tokenize"
+	TokenizeService_Detokenize_FullMethodName         = "/mlx_serving.v1.TokenizeService/Detokenize"
+	TokenizeService_RenderChatTemplate_FullMethodName = "/mlx_serving.v1.TokenizeService/RenderChatTemplate"
 )
 
 // TokenizeServiceClient is the client API for TokenizeService service.
@@ -33,6 +34,9 @@ type TokenizeServiceClient interface {
 	Tokenize(ctx context.Context, in *TokenizeRequest, opts ...grpc.CallOption) (*TokenizeResponse, error)
 	// Detokenize turns token ids into text.
 	Detokenize(ctx context.Context, in *DetokenizeRequest, opts ...grpc.CallOption) (*DetokenizeResponse, error)
+	// RenderChatTemplate returns the exact prompt text and token ids a GenerateRequest with
+	// this chat would give the model (tools and template arguments included).
+	RenderChatTemplate(ctx context.Context, in *RenderChatTemplateRequest, opts ...grpc.CallOption) (*RenderChatTemplateResponse, error)
 }
 
 type tokenizeServiceClient struct {
@@ -63,6 +67,16 @@ func (c *tokenizeServiceClient) Detokenize(ctx context.Context, in *DetokenizeRe
 	return out, nil
 }
 
+func (c *tokenizeServiceClient) RenderChatTemplate(ctx context.Context, in *RenderChatTemplateRequest, opts ...grpc.CallOption) (*RenderChatTemplateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenderChatTemplateResponse)
+	err := c.cc.Invoke(ctx, TokenizeService_RenderChatTemplate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TokenizeServiceServer is the server API for TokenizeService service.
 // All implementations must embed UnimplementedTokenizeServiceServer
 // for forward compatibility.
@@ -73,6 +87,9 @@ type TokenizeServiceServer interface {
 	Tokenize(context.Context, *TokenizeRequest) (*TokenizeResponse, error)
 	// Detokenize turns token ids into text.
 	Detokenize(context.Context, *DetokenizeRequest) (*DetokenizeResponse, error)
+	// RenderChatTemplate returns the exact prompt text and token ids a GenerateRequest with
+	// this chat would give the model (tools and template arguments included).
+	RenderChatTemplate(context.Context, *RenderChatTemplateRequest) (*RenderChatTemplateResponse, error)
 	mustEmbedUnimplementedTokenizeServiceServer()
 }
 
@@ -88,6 +105,9 @@ func (UnimplementedTokenizeServiceServer) Tokenize(context.Context, *TokenizeReq
 }
 func (UnimplementedTokenizeServiceServer) Detokenize(context.Context, *DetokenizeRequest) (*DetokenizeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Detokenize not implemented")
+}
+func (UnimplementedTokenizeServiceServer) RenderChatTemplate(context.Context, *RenderChatTemplateRequest) (*RenderChatTemplateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RenderChatTemplate not implemented")
 }
 func (UnimplementedTokenizeServiceServer) mustEmbedUnimplementedTokenizeServiceServer() {}
 func (UnimplementedTokenizeServiceServer) testEmbeddedByValue()                         {}
@@ -146,6 +166,24 @@ func _TokenizeService_Detokenize_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenizeService_RenderChatTemplate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenderChatTemplateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenizeServiceServer).RenderChatTemplate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenizeService_RenderChatTemplate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenizeServiceServer).RenderChatTemplate(ctx, req.(*RenderChatTemplateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TokenizeService_ServiceDesc is the grpc.ServiceDesc for TokenizeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -160,6 +198,10 @@ var TokenizeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Detokenize",
 			Handler:    _TokenizeService_Detokenize_Handler,
+		},
+		{
+			MethodName: "RenderChatTemplate",
+			Handler:    _TokenizeService_RenderChatTemplate_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
