@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "new-shapes": "new_shapes",
     "token-events": "token_events",
     "make-model": "make_model",
+    "grammars": "grammars",
+    "constrained": "constrained",
 }
 
 

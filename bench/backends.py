@@ -107,8 +107,9 @@ class EngineBackend:
         return await engine_generate(self.engine, prompt.ids, max_tokens)
 
 
-async def engine_generate(engine, token_ids: list[int], max_tokens: int) -> RequestResult:
-    """One greedy request, EOS ignored, as the engine's chunks reach this caller."""
+async def engine_generate(engine, token_ids: list[int], max_tokens: int, **fields) -> RequestResult:
+    """One greedy request, EOS ignored, as the engine's chunks reach this caller; `fields`
+    are more GenerationRequest fields (such as a constraint)."""
     from mlx_serving.engine.requests import GenerationRequest, SamplingParams
 
     request = GenerationRequest(
@@ -117,6 +118,7 @@ async def engine_generate(engine, token_ids: list[int], max_tokens: int) -> Requ
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=0.0),
         ignore_eos=True,
+        **fields,
     )
     result = RequestResult(start=time.perf_counter(), prompt_tokens=len(token_ids))
     try:

@@ -41,3 +41,42 @@ def model_variant(
         for extra in target.glob("chat_template.*"):
             extra.unlink()
     return target
+
+
+def with_generation_config(source: Path, target: Path, text: str) -> Path:
+    """A copy of the test model whose generation_config.json holds `text`, valid JSON or not."""
+    shutil.copytree(source, target)
+    (target / "generation_config.json").write_text(text)
+    return target
+
+
+def with_bos_added(source: Path, target: Path, bos: str) -> Path:
+    """A copy of the test model whose tokenizer starts every text with `bos`, as Llama's does
+    (the test model's adds no special token)."""
+    shutil.copytree(source, target)
+    path = target / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    (bos_id,) = [token["id"] for token in tokenizer["added_tokens"] if token["content"] == bos]
+    single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    prefix = {
+        "type": "TemplateProcessing",
+        "single": single,
+        "pair": single + [{"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    steps = [tokenizer["post_processor"], prefix]
+    tokenizer["post_processor"] = {"type": "Sequence", "processors": steps}
+    path.write_text(json.dumps(tokenizer))
+    return target
+
+
+def model_without_chat_template(source: Path, target: Path) -> Path:
+    """A copy of the test model whose tokenizer has no chat template."""
+    shutil.copytree(source, target)
+    path = target / "tokenizer_config.json"
+    tokenizer_config = json.loads(path.read_text())
+    tokenizer_config.pop("chat_template", None)
+    path.write_text(json.dumps(tokenizer_config))
+    for extra in target.glob("chat_template.*"):
+        extra.unlink()
+    return target

@@ -184,3 +184,22 @@ def test_make_model_builds_a_loadable_model(tmp_path):
     assert row["path"] == str(tmp_path / "m") and row["overrides"]["hidden_size"] == 64
     model, _ = load(row["path"])
     assert model.args.hidden_size == 64 and positive(row["parameters"])
+
+
+def test_grammars_times_every_workload_with_llguidance(tmp_path, model_path):
+    report = run_bench(
+        tmp_path,
+        *("grammars", "--tokenizer", str(model_path), "--libraries", "llguidance"),
+        *("--batch", "2,3", "--steps", "12", "--compiles", "1", "--rounds", "1"),
+    )
+    rows = {(row["workload"], row["fill"]): row for row in report["rows"]}
+    workloads, fills = ("json", "regex", "choice"), ("batched", "per row")
+    assert set(rows) == {(w, f) for w in workloads for f in fills}
+    for row in rows.values():
+        assert row["library"] == "llguidance" and positive(row["vocab"]) and row["version"]
+        for key in ("compile_ms", "first_mask_ms", "mask_ms_2", "mask_ms_3"):
+            assert positive(row[key]), key
+        assert row["rejected"] == 0
+    assert rows["choice", "per row"]["finished"] > 0
+    (check,) = report["checks"]
+    assert check["value"] == 0 and check["met"]

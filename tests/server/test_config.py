@@ -237,7 +237,7 @@ def test_every_number_has_both_bounds():
             "prefill_gather_seconds, fuse_projections, decode_attention_kernel, "
             "cudnn_prefill_attention, default_context_length, tokenizer_threads, "
             "chat_template_workers, chat_template_timeout_seconds, max_concurrent_tokenize, "
-            "max_tokenize_bytes)",
+            "max_tokenize_bytes, max_constraint_bytes)",
         ),
         (
             {

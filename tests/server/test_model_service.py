@@ -1,8 +1,12 @@
+import json
+
 import grpc
 import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from model_variants import with_generation_config
 from wire_helpers import rpc_error, violated_fields
 
-from mlx_serving.server.default_model import DEFAULT_MODEL_NAME
+from mlx_serving.server.default_model import DEFAULT_MODEL_NAME, IM_END, PAD_TOKEN
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
 from mlx_serving.v1 import model_service_pb2 as model_pb
 
@@ -162,3 +166,63 @@ async def test_unloading_ends_its_generations_with_unavailable(models, generate,
     error = await rpc_error(stream)
     assert error.code() is grpc.StatusCode.UNAVAILABLE
     assert "unloaded" in error.details()
+
+
+async def test_a_model_tells_its_eos_and_bos_ids_and_generation_defaults(models, model_path):
+    tokenizer = load_tokenizer(model_path)
+    model = (await models.GetModel(model_pb.GetModelRequest(model_id=MODEL_ID))).model
+    assert list(model.eos_token_ids) == sorted(tokenizer.eos_token_ids)
+    assert model.HasField("bos_token_id") and model.bos_token_id == tokenizer.bos_token_id
+    # The test model's generation_config.json (default_model.py).
+    assert model.generation_defaults == model_pb.GenerationDefaults(
+        temperature=0.7, top_p=0.9, top_k=40
+    )
+
+
+async def test_generation_defaults_are_read_from_generation_config_json(
+    models, model_path, tmp_path
+):
+    tokenizer = load_tokenizer(model_path)
+    ends = sorted(
+        {tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(PAD_TOKEN)}
+    )
+    settings = {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "min_p": 0.05,
+        "repetition_penalty": 1.05,
+        "max_new_tokens": 512,
+        "top_k": "forty",  # of the wrong type: left out
+        "eos_token_id": ends,  # a list is fine; generation stops on each
+    }
+    variant = with_generation_config(model_path, tmp_path / "tuned", json.dumps(settings))
+    loaded = await models.LoadModel(
+        model_pb.LoadModelRequest(model_id="tuned", source=local(variant))
+    )
+    try:
+        assert loaded.model.generation_defaults == model_pb.GenerationDefaults(
+            temperature=0.6, top_p=0.95, min_p=0.05, repetition_penalty=1.05, max_new_tokens=512
+        )
+        assert list(loaded.model.eos_token_ids) == ends
+        got = await models.GetModel(model_pb.GetModelRequest(model_id="tuned"))
+        assert got.model == loaded.model
+    finally:
+        await models.UnloadModel(model_pb.UnloadModelRequest(model_id="tuned"))
+
+
+@pytest.mark.parametrize("text", ["{not json", "", '{"temperature": true, "top_k": -1}'])
+async def test_a_malformed_generation_config_gives_no_defaults_and_the_model_loads(
+    models, model_path, tmp_path, text
+):
+    variant = with_generation_config(model_path, tmp_path / "odd", text)
+    loaded = await models.LoadModel(
+        model_pb.LoadModelRequest(model_id="odd", source=local(variant))
+    )
+    try:
+        assert loaded.model.state == model_pb.MODEL_STATE_READY
+        assert not loaded.model.HasField("generation_defaults")
+        tokenizer = load_tokenizer(variant)
+        assert list(loaded.model.eos_token_ids) == sorted(tokenizer.eos_token_ids)
+        assert loaded.model.bos_token_id == tokenizer.bos_token_id
+    finally:
+        await models.UnloadModel(model_pb.UnloadModelRequest(model_id="odd"))

@@ -76,6 +76,17 @@ async def test_one_generate_is_a_server_span_with_queue_prefill_and_decode_child
     assert decode.attributes["gen_ai.response.finish_reasons"] == ("max_tokens",)
 
 
+async def test_the_callers_own_request_id_is_on_the_rpc_span(traced):
+    exporter, channel = traced
+    exporter.clear()
+    request = generate_pb.GenerateRequest(
+        model_id=MODEL_ID, text="Hello", max_tokens=2, client_request_id="batch-9/item-3"
+    )
+    await generate_all(generate_grpc.GenerateServiceStub(channel), request)
+    (server,) = [s for s in exporter.get_finished_spans() if s.parent is None]
+    assert server.attributes["mlx_serving.client_request_id"] == "batch-9/item-3"
+
+
 async def test_a_span_carries_the_status_the_client_saw(traced):
     exporter, channel = traced
     exporter.clear()

@@ -6,12 +6,16 @@ engine process receives an `Admission` whose values cannot fail a batch step.
 """
 
 import itertools
+import json
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .errors import FieldViolation, InvalidRequest
 from .models import ModelInfo
-from .requests import GenerationRequest, SamplingParams
+from .requests import TOOL_CHOICE_NONE, ChatMessage, GenerationRequest, SamplingParams, Tool
+from .tools import template_tool
 
 # Violations reported per rejection; the rest are counted, so an error stays small.
 MAX_VIOLATIONS = 10
@@ -39,8 +43,106 @@ def prompt_field(request: GenerationRequest) -> str:
     return "chat.messages" if request.messages is not None else "text"
 
 
-def chat_messages(request: GenerationRequest) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in request.messages or ()]
+# apply_chat_template's own arguments and the variables it gives every template: a template
+# kwarg of one of these names would clash with ours.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
+def chat_messages(request: GenerationRequest) -> list[dict[str, Any]]:
+    """The messages in the Hugging Face format chat templates read."""
+    return [
+        chat_message(message, f"chat.messages[{i}]")
+        for i, message in enumerate(request.messages or ())
+    ]
+
+
+def chat_message(message: ChatMessage, field: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        entry["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {
+                    "name": call.name,
+                    # Templates read the arguments as a mapping (`arguments | tojson`,
+                    # `.items()`); empty text is a call without arguments.
+                    "arguments": json_object(
+                        call.arguments or "{}", f"{field}.tool_calls[{j}].arguments"
+                    ),
+                },
+            }
+            for j, call in enumerate(message.tool_calls)
+        ]
+    if message.tool_call_id:
+        entry["tool_call_id"] = message.tool_call_id
+    if message.name:
+        entry["name"] = message.name
+    return entry
+
+
+def chat_tools(request: GenerationRequest) -> list[dict[str, Any]] | None:
+    """The tools for the template; None (the template's "no tools") under tool_choice none."""
+    tools = [
+        template_tool(tool, tool_parameters(tool, f"chat.tools[{i}].parameters"))
+        for i, tool in enumerate(request.tools)
+    ]
+    return tools if tools and request.tool_choice != TOOL_CHOICE_NONE else None
+
+
+def tool_parameters(tool: Tool, field: str) -> dict | None:
+    return json_object(tool.parameters, field) if tool.parameters else None
+
+
+def json_object(text: str, field: str) -> dict:
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InvalidRequest(FieldViolation(field, "JSON nested too deeply")) from None
+    except ValueError as exc:
+        raise InvalidRequest(FieldViolation(field, f"not valid JSON: {exc}")) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(FieldViolation(field, "not a JSON object"))
+    return value
+
+
+def chat_template_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    for name in request.template_kwargs:
+        if name in RESERVED_TEMPLATE_KWARGS:
+            description = f"{name!r} is set by the server, not a template argument"
+            raise InvalidRequest(FieldViolation("chat.template_kwargs", description))
+    return request.template_kwargs
+
+
+def chat_text(request: GenerationRequest) -> str:
+    """Every text of the chat that the template renders, for check_text_size."""
+    parts: list[str] = []
+    for message in request.messages or ():
+        parts.append(message.content)
+        parts.extend(call.arguments for call in message.tool_calls)
+    if request.tool_choice != TOOL_CHOICE_NONE:
+        for tool in request.tools:
+            parts += (tool.description, tool.parameters)
+    return "".join(parts)
 
 
 def check_text_size(text: str, field: str, context_length: int, max_token_bytes: int) -> None:
@@ -66,6 +168,8 @@ def admit(
     """Check `prompt` and the request's token ids against the model; `context_length` is the
     model's own or, when it states none, the configured ceiling."""
     check_request_tokens(request, prompt, info.vocab_size)
+    if request.truncate_prompt_tokens is not None:
+        prompt = prompt[-request.truncate_prompt_tokens :]
     room = context_length - len(prompt)
     if room <= 0:
         raise InvalidRequest(
@@ -76,6 +180,8 @@ def admit(
         )
     max_tokens = min(request.max_tokens, room)
     request = replace(request, sampling=normalize_sampling(request.sampling, info.vocab_size))
+    if request.sampling.seed is None:  # drawn here, so the caller can be told it
+        request = replace(request, sampling=replace(request.sampling, seed=secrets.randbits(63)))
     return Admission(request, tuple(prompt), max_tokens, room < request.max_tokens)
 
 

@@ -49,6 +49,8 @@ class EngineConfig:
     max_concurrent_tokenize: int = 4
     # The longest text Tokenize accepts.
     max_tokenize_bytes: int = 1 << 20
+    # The largest constraint (schema, regex, grammar, choices) a request may give.
+    max_constraint_bytes: int = 64 << 10
 
 
 def mlx_environment(config: EngineConfig) -> dict[str, str]:

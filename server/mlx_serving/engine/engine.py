@@ -23,11 +23,14 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .admission import admit, check_token_ids
+from .admission import Admission, admit, check_token_ids
 from .config import EngineConfig, mlx_environment
+from .constraints import check_constraint, tool_call_constraint
 from .errors import (
     EngineOverloaded,
     EngineUnavailable,
+    FieldViolation,
+    InvalidRequest,
     ModelAlreadyExists,
     ModelLoadFailed,
     ModelNotFound,
@@ -46,7 +49,7 @@ from .events import (
 )
 from .models import ModelInfo, ModelSource, ModelState
 from .observer import EngineObserver, replay
-from .prompts import Prompts
+from .prompts import Prompts, Tokenized, TokenizeOptions
 from .protocol import (
     END,
     AbortAll,
@@ -65,7 +68,15 @@ from .protocol import (
     Unload,
     WatchTokens,
 )
-from .requests import GenerationChunk, GenerationRequest
+from .requests import (
+    TOOL_CHOICE_AUTO,
+    TOOL_CHOICE_NONE,
+    GenerationChunk,
+    GenerationRequest,
+    Tool,
+    ToolCall,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +84,9 @@ log = logging.getLogger(__name__)
 PROCESS_CONTEXT = multiprocessing.get_context("spawn")
 
 T = TypeVar("T")
+
+# tool_choice values that leave the output free (the others force a call).
+FREE_TOOL_CHOICES = frozenset({TOOL_CHOICE_AUTO, TOOL_CHOICE_NONE})
 
 
 @dataclass(eq=False)
@@ -261,13 +275,14 @@ class Engine:
     # ---- tokenizer -------------------------------------------------------------------
 
     async def tokenize(
-        self, model_id: str, text: str, add_special_tokens: bool, return_pieces: bool
-    ) -> tuple[list[int], list[str]]:
+        self, model_id: str, texts: list[str], field: str, options: TokenizeOptions
+    ) -> list[Tokenized]:
+        """One result per text; `field` is the request field that holds them (for errors)."""
         self._ready_model(model_id)
         # Prompts refuses calls past max_concurrent_tokenize as EngineOverloaded: say which
         # limit it was. Raised outside the `except`, so the new error holds no other.
         try:
-            return await self._prompts.tokenize(model_id, text, add_special_tokens, return_pieces)
+            return await self._prompts.tokenize(model_id, texts, field, options)
         except EngineOverloaded as exc:
             retry_after = exc.retry_after
         raise TokenizeOverloaded(retry_after)
@@ -281,6 +296,26 @@ class Engine:
         except EngineOverloaded as exc:
             retry_after = exc.retry_after
         raise TokenizeOverloaded(retry_after)
+
+    async def render_chat(self, request: GenerationRequest) -> tuple[str, list[int]]:
+        """A chat request's prompt, text and token ids, exactly as generation would make it;
+        counted as a Tokenize call."""
+        assert request.messages is not None, "render_chat of a request without a chat"
+        info = self._ready_model(request.model_id)
+        context = info.context_length or self.config.default_context_length
+        try:
+            return await self._prompts.render_chat(request, context)
+        except EngineOverloaded as exc:
+            retry_after = exc.retry_after
+        raise TokenizeOverloaded(retry_after)
+
+    def parse_tool_calls(
+        self, model_id: str, text: str, tools: tuple[Tool, ...] = ()
+    ) -> tuple[ToolCall, ...]:
+        """The complete tool calls in a model's output `text`, parsed with mlx-lm's parser for
+        the model's family (`tools`, the request's, type the arguments of some families); ()
+        for a model without tool calling. Never raises."""
+        return self._prompts.parse_tool_calls(model_id, text, tools)
 
     def _ready_model(self, model_id: str) -> ModelInfo:
         self._check_accepting()
@@ -298,19 +333,109 @@ class Engine:
         self, request: GenerationRequest, internal: bool
     ) -> AsyncGenerator[GenerationChunk, None]:
         info = self._ready_model(request.model_id)
-        if self._active >= self.config.max_batch_size + self.config.max_queued_requests:
+        if self._active + request.n > self.config.max_batch_size + self.config.max_queued_requests:
             raise EngineOverloaded(self.config.retry_after_seconds)
-        self._active += 1
-        ticket = None
+        self._active += request.n
         try:
+            if request.constraint is not None:
+                check_constraint(request.constraint, self.config.max_constraint_bytes)
+            if request.messages is not None and request.tool_choice not in FREE_TOOL_CHOICES:
+                request = self._force_tool_call(request)
             context = info.context_length or self.config.default_context_length
             prompt = await self._prompts.encode(request, context)
             admission = admit(info, request, prompt, context)
             del prompt
             self._check_accepting()  # a shutdown may have begun while the prompt was encoded
-            ticket = Ticket(rid=next(self._ids), outbox=asyncio.Queue())
-            self._tickets[ticket.rid] = ticket
-            self._post(Admit(admission, ticket.rid, internal))
+            if request.n == 1:
+                samples = self._sample(admission, internal)
+            else:
+                samples = self._samples(admission, internal)
+            del admission
+            async with contextlib.aclosing(samples):
+                async for chunk in samples:
+                    yield chunk
+        finally:
+            self._active -= request.n
+
+    def _force_tool_call(self, request: GenerationRequest) -> GenerationRequest:
+        """tool_choice "required" or a tool's name, as a constraint on the output."""
+        if request.constraint is not None:
+            field = f"chat.tool_choice and {request.constraint.kind}"
+            raise InvalidRequest(FieldViolation(field, "a forced tool call is a constraint"))
+        tokenizer = self._prompts.tokenizer(request.model_id)
+        constraint = tool_call_constraint(tokenizer, request.tools, request.tool_choice)
+        check_constraint(constraint, self.config.max_constraint_bytes, field="chat.tools")
+        return replace(request, constraint=constraint)
+
+    async def _samples(
+        self, admission: Admission, internal: bool
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """GenerateRequest.n samples of one prompt, each with its own seed, the first one's
+        prefill shared by the others; their chunks in the order they come."""
+        merged: asyncio.Queue = asyncio.Queue()
+        leader = next(self._ids)
+        seed = admission.request.sampling.seed
+        assert seed is not None, "admit draws a seed for every request"
+
+        async def pump(index: int) -> None:
+            request = replace(
+                admission.request,
+                n=1,
+                sampling=replace(admission.request.sampling, seed=(seed + index) % (1 << 64)),
+                prompt_logprobs=admission.request.prompt_logprobs if index == 0 else None,
+            )
+            sample = replace(admission, request=request)
+            rid = leader if index == 0 else next(self._ids)
+            try:
+                async with contextlib.aclosing(
+                    self._sample(sample, internal, rid, index, None if index == 0 else leader)
+                ) as chunks:
+                    async for chunk in chunks:
+                        merged.put_nowait(chunk)
+                merged.put_nowait(index)
+            except Exception as exc:
+                merged.put_nowait(exc)
+
+        n = admission.request.n
+        tasks = [asyncio.create_task(pump(index)) for index in range(n)]
+        finished: list[GenerationChunk] = []
+        try:
+            while len(finished) < n:
+                item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, int):
+                    continue
+                if item.finish_reason is not None:
+                    finished.append(item)
+                    if len(finished) == n:
+                        item = replace(item, total_usage=total_usage(finished))
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sample(
+        self,
+        admission: Admission,
+        internal: bool,
+        rid: int | None = None,
+        index: int = 0,
+        fork_of: int | None = None,
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """One sample's stream: post it to the engine process and read what it sends back."""
+        ticket = Ticket(rid=next(self._ids) if rid is None else rid, outbox=asyncio.Queue())
+        self._tickets[ticket.rid] = ticket
+        first = True
+        request = admission.request
+        # The output so far, when its tool calls are to be parsed at the end.
+        output: list[str] | None = None
+        if request.tools and request.tool_choice != TOOL_CHOICE_NONE:
+            output = []
+        try:
+            self._post(Admit(admission, ticket.rid, internal, fork_of))
+            seed = request.sampling.seed
             del admission
             while not ticket.finished:
                 items = [await ticket.outbox.get()]
@@ -320,7 +445,18 @@ class Engine:
                 error = items[-1] if isinstance(items[-1], BaseException) else None
                 ticket.finished = error is not None or items[-1] == END
                 if chunks:
-                    yield merge_chunks(chunks)
+                    chunk = merge_chunks(chunks)
+                    if index or first:
+                        chunk = replace(chunk, index=index, seed=seed if first else None)
+                        first = False
+                    if output is not None:
+                        output.append(chunk.text)
+                        if chunk.finish_reason is not None:
+                            calls = self.parse_tool_calls(
+                                request.model_id, "".join(output), request.tools
+                            )
+                            chunk = replace(chunk, tool_calls=calls)
+                    yield chunk
                 if error is not None:
                     if isinstance(error, RequestAborted) and self._draining:
                         # Ended by the shutdown, not an unload: worth retrying elsewhere.
@@ -333,13 +469,11 @@ class Engine:
                     finally:
                         error = None
         finally:
-            self._active -= 1
-            if ticket is not None:
-                del self._tickets[ticket.rid]
-                if not ticket.finished and not self._dead and self._running:
-                    # FIFO commands: this runs after the admission.
-                    with contextlib.suppress(EngineUnavailable):  # a dead process runs nothing
-                        self._post(Cancel(ticket.rid))
+            del self._tickets[ticket.rid]
+            if not ticket.finished and not self._dead and self._running:
+                # FIFO commands: this runs after the admission.
+                with contextlib.suppress(EngineUnavailable):  # a dead process runs nothing
+                    self._post(Cancel(ticket.rid))
 
     # ---- events ----------------------------------------------------------------------
 
@@ -548,6 +682,26 @@ def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
         last,
         text="".join(c.text for c in chunks),
         token_ids=tuple(t for c in chunks for t in c.token_ids),
+        logprobs=tuple(entry for c in chunks for entry in c.logprobs),
+        prompt_logprobs=tuple(entry for c in chunks for entry in c.prompt_logprobs),
+    )
+
+
+def total_usage(finished: list[GenerationChunk]) -> Usage:
+    """The usage of several samples of one prompt together."""
+    usages = [chunk.usage for chunk in finished if chunk.usage is not None]
+    first, completion = usages[0], sum(u.completion_tokens for u in usages)
+    total_time = max(u.total_time for u in usages)
+    first_token = min(u.time_to_first_token for u in usages)
+    decoding = total_time - first_token
+    return Usage(
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=completion,
+        cached_prompt_tokens=first.cached_prompt_tokens,
+        queue_time=min(u.queue_time for u in usages),
+        time_to_first_token=first_token,
+        tokens_per_second=(completion - len(usages)) / decoding if decoding > 0 else 0.0,
+        total_time=total_time,
     )
 
 

@@ -110,6 +110,8 @@ class Event:
     model_id: str = ""
     request_id: str = ""
     time: float = field(default_factory=time.time)
+    # The request's GenerateRequest.client_request_id.
+    client_request_id: str = ""
 
 
 DEFAULT_SUBSCRIBER_BUFFER = 1024

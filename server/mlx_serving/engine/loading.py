@@ -1,5 +1,7 @@
 """Turn a ModelSource into a loaded model, its tokenizer and what we report about it."""
 
+import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,18 @@ from mlx_lm.utils import get_total_parameters
 
 from .errors import ModelLoadFailed, ModelSourceNotFound
 from .fusion import fuse_projections
-from .models import ModelInfo, ModelSource, ModelState, Quantization
+from .models import GenerationDefaults, ModelInfo, ModelSource, ModelState, Quantization
+
+# generation_config.json's sampling parameters we report, and the type each must have.
+GENERATION_DEFAULT_TYPES: dict[str, type] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repetition_penalty": float,
+    "max_new_tokens": int,
+}
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -129,6 +142,7 @@ def describe_model(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
     config: dict[str, Any],
+    path: Path,
 ) -> ModelInfo:
     quantization = config.get("quantization")
     size = weight_bytes(model)
@@ -152,7 +166,38 @@ def describe_model(
         loaded_time=time.time(),
         weight_bytes=size,
         weight_bytes_loaded=size,
+        eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
+        bos_token_id=tokenizer.bos_token_id,
+        generation_defaults=read_generation_defaults(path),
     )
+
+
+def read_generation_defaults(path: Path) -> GenerationDefaults:
+    """The sampling defaults in the model's generation_config.json. The file is only advice:
+    a missing or unreadable one gives none, a value of the wrong type is left out, and the
+    model loads all the same."""
+    try:
+        settings = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return GenerationDefaults()
+    if not isinstance(settings, dict):
+        return GenerationDefaults()
+    return GenerationDefaults(
+        **{
+            name: kind(settings[name])
+            for name, kind in GENERATION_DEFAULT_TYPES.items()
+            if is_generation_default(settings.get(name), kind)
+        }
+    )
+
+
+def is_generation_default(value: Any, kind: type) -> bool:
+    """A value the wire can carry: a non-negative float32, or an int that fits uint32."""
+    if isinstance(value, bool):  # JSON true is no number
+        return False
+    if kind is int:
+        return isinstance(value, int) and 0 <= value < 2**32
+    return isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= FLOAT32_MAX
 
 
 def vocab_size(tokenizer: TokenizerWrapper, config: dict[str, Any]) -> int:
@@ -188,5 +233,5 @@ def load_model(
     model, config = build_model(path, fuse=fuse, decode_kernel=decode_kernel)
     mx.eval(model.parameters())
     tokenizer = read_tokenizer(path, config)
-    info = describe_model(model_id, source, model, tokenizer, config)
+    info = describe_model(model_id, source, model, tokenizer, config, path)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, path=path)

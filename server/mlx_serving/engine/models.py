@@ -32,6 +32,19 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    """The sampling parameters a model's authors recommend (its generation_config.json): only
+    reported, requests that leave a parameter unset get the server's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model_id: str
     source: ModelSource
@@ -47,3 +60,8 @@ class ModelInfo:
     # The weights' size in memory, and how much of it is read (a load's progress).
     weight_bytes: int = 0
     weight_bytes_loaded: int = 0
+    # The ids that end a generation (the tokenizer's, which the scheduler stops on) and the
+    # tokenizer's BOS.
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    generation_defaults: GenerationDefaults = GenerationDefaults()

@@ -24,6 +24,9 @@ class Admit:
     rid: int
     # A warm-up request: no events, no metrics, no prefix cache.
     internal: bool = False
+    # Another sample of the prompt of the request with this rid (GenerateRequest.n): it
+    # starts from that one's prefill instead of its own.
+    fork_of: int | None = None
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,8 @@ class GenerationChunk:
     seed: int | None = None
     # Parsed from the output of a request with tools (its last chunk only).
     tool_calls: tuple[ToolCall, ...] = ()
+    # With n > 1: every sample's usage together (the stream's very last chunk).
+    total_usage: Usage | None = None
 
 
 @dataclass(frozen=True)

@@ -50,3 +50,20 @@ def make_logits_processors(params: SamplingParams) -> list[Callable]:
         frequency_penalty=params.frequency_penalty or None,
         frequency_context_size=params.penalty_context,
     )
+
+
+def ban_until(token_ids: list[int], count: int) -> Callable:
+    """A logits processor that rules `token_ids` out of a sequence's first `count` tokens
+    (min_tokens: end-of-sequence and stop tokens cannot end it sooner)."""
+    banned = mx.array(token_ids)
+    calls = 0
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        nonlocal calls
+        calls += 1
+        if calls > count:
+            return logits
+        logits[:, banned] = -mx.inf
+        return logits
+
+    return process

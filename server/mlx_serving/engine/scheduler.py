@@ -5,10 +5,11 @@ facade's commands and sends what each `step()` returns; a test builds one in-pro
 model and steps it directly.
 """
 
+import copy
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from .admission import Admission
 from .batch_cache import make_cache
 from .config import EngineConfig
+from .constraints import ConstrainedRow, Constraints, MaskBatch
 from .detokenizer import StreamingDetokenizer
 from .errors import ModelNotFound, RequestAborted, SequenceFailed
 from .events import (
@@ -32,10 +34,11 @@ from .events import (
     TokenGenerated,
 )
 from .loading import LoadedModel
+from .logprobs import Pieces, RawLogprobs, prompt_logprobs, token_logprobs
 from .observer import EngineObserver, RecordingObserver
 from .protocol import END, StepOutput
 from .requests import FinishReason, GenerationChunk, GenerationRequest, Usage
-from .sampling import make_logits_processors, make_sampler
+from .sampling import ban_until, make_logits_processors, make_sampler
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ RENDER_THREAD_ROWS = 4
 # A model's batch steps failing this many times in a row, each with a fresh batch generator,
 # is the engine's failure, not a request's: the engine stops.
 MAX_STEP_FAILURES = 3
+# With nothing to run but constraints being compiled, a step waits this long for one.
+COMPILE_WAIT_SECONDS = 0.05
 
 
 @dataclass(eq=False)
@@ -73,6 +78,22 @@ class Sequence:
     last_token_time: float = 0.0
     completion_tokens: int = 0
     uid: int = -1
+    # Constrained output: the matcher being compiled, then the sequence's hooks in the step.
+    compiling: Future | None = None
+    constrained: ConstrainedRow | None = None
+    # With logprobs and logits processors: the model's own distribution of each step.
+    raw_logprobs: RawLogprobs | None = None
+    # perf_counter() time at which the request's time_limit ends it.
+    deadline: float | None = None
+    # Another sample of the prompt of `leader`, waiting to start from its prefill; the
+    # leader's waiting samples.
+    leader: "Sequence | None" = None
+    forks: list["Sequence"] = field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        """Waiting for its matcher to compile or its leader's prefill."""
+        return self.compiling is not None or self.leader is not None
 
 
 @dataclass
@@ -81,6 +102,10 @@ class ModelSlot:
 
     loaded: LoadedModel
     generator: BatchGenerator
+    # Constrained rows of the step in progress, whose masks are filled together.
+    masks: MaskBatch
+    # Each token's text, for logprobs.
+    pieces: Pieces
     # In the generator, by its uid.
     sequences: dict[int, Sequence] = field(default_factory=dict)
     # Admitted, gathering company for one shared prefill (see `_release`), oldest first.
@@ -121,6 +146,9 @@ class Scheduler:
         self._status = ""
         # Sequences whose sampler or logits processor raised during a step (see `guarded`).
         self._faults: list[tuple[Sequence, Exception]] = []
+        self.constraints = Constraints()
+        # Sequences with a time limit.
+        self._timed: set[Sequence] = set()
 
     @property
     def idle(self) -> bool:
@@ -133,11 +161,22 @@ class Scheduler:
 
     def step(self) -> StepOutput | None:
         """One batch step of every model with work, then what it produced for the facade."""
+        if self._timed:
+            self._end_expired(time.perf_counter())
+        self._wait_for_compiles()
         for slot in list(self.slots.values()):
             if slot:
                 self._step_guarded(slot)
         self._report_status()
         return self.take_output()
+
+    def _wait_for_compiles(self) -> None:
+        """Rather than spin while every waiting sequence's constraint compiles."""
+        if any(slot.sequences for slot in self.slots.values()):
+            return
+        compiling = [s.compiling for s in self.sequences.values() if s.compiling is not None]
+        if compiling and len(compiling) == len(self.sequences):
+            wait(compiling, timeout=COMPILE_WAIT_SECONDS, return_when=FIRST_COMPLETED)
 
     def take_output(self) -> StepOutput | None:
         """Every reader's chunks, the events and the observations since the last call."""
@@ -150,6 +189,7 @@ class Scheduler:
 
     def close(self) -> None:
         self._renderer.shutdown()
+        self.constraints.close()
 
     def _report_status(self) -> None:
         active = sum(len(slot) for slot in self.slots.values())
@@ -161,7 +201,13 @@ class Scheduler:
     def add_model(self, loaded: LoadedModel, load_seconds: float = 0.0) -> None:
         """Serve `loaded` (from `loading.load_model`, or read a piece at a time by the worker)."""
         special_ids = frozenset(loaded.tokenizer.all_special_ids)
-        slot = ModelSlot(loaded, self._generator(loaded), special_ids=special_ids)
+        slot = ModelSlot(
+            loaded,
+            self._generator(loaded),
+            MaskBatch(self.constraints.executor),
+            Pieces(loaded.tokenizer),
+            special_ids=special_ids,
+        )
         self.slots[loaded.info.model_id] = slot
         self.observer.models_loaded(len(self.slots))
         self.publish(loaded_event(loaded, load_seconds))
@@ -188,15 +234,18 @@ class Scheduler:
             self._end(slot, sequence, RequestAborted(f"model {model_id!r} was unloaded"))
         slot.generator.close()
         del slot
+        self.constraints.forget_model(model_id)
         mx.clear_cache()
         self.observer.models_loaded(len(self.slots))
         self.publish(Event(ModelUnloaded(model_id, reason="requested"), model_id=model_id))
 
-    def admit(self, admission: Admission, rid: int, internal: bool = False) -> None:
+    def admit(
+        self, admission: Admission, rid: int, internal: bool = False, fork_of: int | None = None
+    ) -> None:
         """Queue a request the facade has checked; whatever goes wrong is told to its reader
         (the facade does not wait for an answer)."""
         try:
-            self._admit(admission, rid, internal)
+            self._admit(admission, rid, internal, fork_of)
         except Exception as exc:
             if isinstance(exc, KeyError):  # unloaded after the facade checked
                 exc = ModelNotFound(admission.request.model_id)
@@ -205,13 +254,22 @@ class Scheduler:
                 exc = SequenceFailed(admission.request.request_id)
             self._deliveries.append((rid, exc))
 
-    def _admit(self, admission: Admission, rid: int, internal: bool) -> None:
+    def _admit(self, admission: Admission, rid: int, internal: bool, fork_of: int | None) -> None:
         request, prompt = admission.request, admission.prompt
         slot = self.slots[request.model_id]
+        leader = self.sequences.get(fork_of) if fork_of is not None else None
+        if leader is not None and (leader.completion_tokens or len(prompt) < 2):
+            leader = None
         tokenizer = slot.loaded.tokenizer
-        eos = frozenset(() if request.ignore_eos else tokenizer.eos_token_ids)
+        # A constrained output ends when its structure is complete: by the EOS the
+        # constraint then allows, whatever ignore_eos says.
+        keep_eos = not request.ignore_eos or request.constraint is not None
+        eos = frozenset(tokenizer.eos_token_ids if keep_eos else ())
         # Warm-up requests neither use nor fill the prefix cache.
-        cache, cached = (None, 0) if internal else self._cached_prefix(request.model_id, prompt)
+        if internal or leader is not None:
+            cache, cached = None, 0
+        else:
+            cache, cached = self._cached_prefix(request.model_id, prompt)
         sequence = Sequence(
             request=request,
             prompt=prompt,
@@ -228,6 +286,14 @@ class Scheduler:
         stop_ids = sorted(eos | set(request.stop_token_ids))
         sampler = make_sampler(request.sampling)
         processors = make_logits_processors(request.sampling)
+        if request.min_tokens and stop_ids:
+            processors.append(ban_until(stop_ids, request.min_tokens))
+        if request.logprobs and processors:
+            sequence.raw_logprobs = RawLogprobs()
+            processors.insert(0, sequence.raw_logprobs)
+        if request.time_limit is not None:
+            sequence.deadline = sequence.arrival + request.time_limit
+            self._timed.add(sequence)
         sequence.generator_args = dict(
             prompts=list(prompt[cached:]),
             max_tokens=admission.max_tokens,
@@ -237,8 +303,26 @@ class Scheduler:
             logits_processors=[guarded(p, sequence, self._faults, unchanged) for p in processors],
             stop_sequences=StopSequences([[t] for t in stop_ids] or None),
         )
+        if request.constraint is not None:
+            sequence.compiling = self.constraints.compile(
+                request.model_id, tokenizer, request.constraint
+            )
+            sequence.generator_args["samplers"] = sampler or greedy
+        if leader is not None:
+            sequence.leader = leader
+            leader.forks.append(sequence)
         slot.waiting.append(sequence)
         self.sequences[rid] = sequence
+        if request.prompt_logprobs is not None:
+            with mx.stream(self.stream):
+                entries = prompt_logprobs(
+                    slot.loaded.model,
+                    prompt,
+                    request.prompt_logprobs,
+                    slot.pieces,
+                    self.config.prefill_step_size,
+                )
+            self._deliver(sequence, GenerationChunk("", (), prompt_logprobs=entries))
         if not internal:
             self.observer.request_queued(request.model_id)
             self.publish(
@@ -254,6 +338,7 @@ class Scheduler:
                     ),
                     model_id=request.model_id,
                     request_id=request.request_id,
+                    client_request_id=request.client_request_id,
                 )
             )
 
@@ -288,7 +373,9 @@ class Scheduler:
         until a full prefill batch (or every free slot) is waiting, or the oldest has waited
         `prefill_gather_seconds`. An idle model starts at once (its arrivals were coalesced).
         """
-        waiting = slot.waiting
+        if not slot.waiting:
+            return
+        waiting = [s for s in slot.waiting if not s.blocked or self._ready(slot, s)]
         if not waiting:
             return
         running = len(slot.sequences)
@@ -299,7 +386,7 @@ class Scheduler:
             and now - waiting[0].arrival < self.config.prefill_gather_seconds
         ):
             return
-        slot.waiting = []
+        slot.waiting = [s for s in slot.waiting if s.blocked]
         args = [sequence.generator_args for sequence in waiting]
         uids = slot.generator.insert(
             **{key: [a[key] for a in args] for key in args[0]},
@@ -307,6 +394,48 @@ class Scheduler:
         for uid, sequence in zip(uids, waiting, strict=True):
             sequence.uid, sequence.generator_args = uid, {}
             slot.sequences[uid] = sequence
+
+    def _ready(self, slot: ModelSlot, sequence: Sequence) -> bool:
+        return sequence.leader is None and self._constrain(slot, sequence)
+
+    def _constrain(self, slot: ModelSlot, sequence: Sequence) -> bool:
+        """Whether a constrained sequence can join the batch: its matcher is compiled (and
+        hooked into its sampling), or the compile failed (and the sequence ended)."""
+        compiling = sequence.compiling
+        if compiling is None:
+            return True
+        if not compiling.done():
+            return False
+        sequence.compiling = None
+        try:
+            matcher, vocab = compiling.result()
+        except Exception as exc:
+            self._end(slot, sequence, exc)
+            return False
+        args = sequence.generator_args
+        row = ConstrainedRow(
+            matcher, slot.masks, args["samplers"], vocab, sequence.request.min_tokens > 0
+        )
+        sequence.constrained = row
+        args["samplers"] = guarded(row.sample, sequence, self._faults, greedy)
+        return True
+
+    def _end_expired(self, now: float) -> None:
+        """End the sequences whose time limit passed, with what they made so far."""
+        for sequence in [s for s in self._timed if s.deadline is not None and s.deadline <= now]:
+            slot = self.slots.get(sequence.request.model_id)
+            if slot is None or self.sequences.get(sequence.rid) is not sequence:
+                self._timed.discard(sequence)
+                continue
+            if slot.sequences.get(sequence.uid) is sequence:
+                slot.generator.remove([sequence.uid])
+            text = sequence.detokenizer.finalize()
+            if sequence.stop_matcher is not None:
+                text, _ = sequence.stop_matcher.feed(text)
+                text += sequence.stop_matcher.flush()
+            usage = make_usage(sequence, now)
+            self._deliver(sequence, GenerationChunk(text, (), FinishReason.TIME_LIMIT, usage))
+            self._end(slot, sequence, END, FinishReason.TIME_LIMIT, usage)
 
     def _step_guarded(self, slot: ModelSlot) -> None:
         """A batch step; a sequence whose sampling raised ends alone, and a step that raised
@@ -346,6 +475,7 @@ class Scheduler:
                 self._end(slot, sequence, SequenceFailed(sequence.request.request_id))
         slot.generator.close()
         slot.generator, slot.pending = self._generator(slot.loaded), None
+        slot.masks.active.clear()
 
     def _step(self, slot: ModelSlot) -> None:
         """Launch the next batch step, and meanwhile turn the previous step's tokens into text.
@@ -367,6 +497,7 @@ class Scheduler:
             (held, came_at), slot.pending = slot.pending, None
             if held_rows := live_rows(slot, held):
                 rendering = self._renderer.submit(render_rows, slot.loaded.tokenizer, held_rows)
+        slot.masks.next_step()
         prompt_responses, responses = slot.generator.next()
         stepped_at = time.perf_counter()
         if responses or prompt_responses:
@@ -391,19 +522,42 @@ class Scheduler:
             self._emit(slot, rows, render_rows(slot.loaded.tokenizer, rows), stepped_at)
 
     def _emit(self, slot: ModelSlot, rows: list, rendered: list, now: float) -> None:
+        logprobs = self._logprobs(slot, rows)
         for (sequence, response), token in zip(rows, rendered, strict=True):
             if isinstance(token, Exception):
                 self._fail_sequence(slot, sequence, token)
             else:
-                self._advance(slot, sequence, response, now, token)
+                self._advance(slot, sequence, response, now, token, logprobs.get(sequence))
+
+    def _logprobs(self, slot: ModelSlot, rows: list) -> dict:
+        """The logprobs of the rows that asked for them, computed together."""
+        wanted = [(s, r) for s, r in rows if s.request.logprobs]
+        if not wanted:
+            return {}
+        distributions = [s.raw_logprobs.take() if s.raw_logprobs else r.logprobs for s, r in wanted]
+        entries = token_logprobs(
+            distributions,
+            [r.token for _, r in wanted],
+            [s.request.top_logprobs for s, _ in wanted],
+            slot.pieces,
+        )
+        return {s: entry for (s, _), entry in zip(wanted, entries, strict=True)}
 
     def _advance(
-        self, slot: ModelSlot, sequence: Sequence, response: Any, now: float, rendered: tuple
+        self,
+        slot: ModelSlot,
+        sequence: Sequence,
+        response: Any,
+        now: float,
+        rendered: tuple,
+        logprobs: Any = None,
     ) -> None:
         """One new token of one sequence, already rendered: account, emit, maybe finish."""
         sequence.completion_tokens += 1
         model_id = sequence.request.model_id
         if sequence.completion_tokens == 1:
+            if sequence.forks:
+                self._start_forks(slot, sequence)
             if not sequence.started:
                 self._mark_started(sequence, now)
             sequence.first_token_time = now
@@ -415,9 +569,13 @@ class Scheduler:
         text, ids, finish, matched = rendered
         if self.token_events and not sequence.internal:
             self._publish_token(sequence, response, text, finish is not None)
+        entries = (logprobs,) if logprobs is not None and ids else ()
         if finish is None:
-            # A bare tuple: pickling a dataclass per token would cost the decode loop ~2 µs.
-            self._deliveries.append((sequence.rid, text, ids))
+            if entries:
+                self._deliver(sequence, GenerationChunk(text, ids, logprobs=entries))
+            else:
+                # A bare tuple: pickling a dataclass per token would cost the decode loop ~2 µs.
+                self._deliveries.append((sequence.rid, text, ids))
             return
         if response.finish_reason is None:
             removed = slot.generator.remove([sequence.uid], return_prompt_caches=True)
@@ -427,8 +585,27 @@ class Scheduler:
         if not sequence.internal:
             self._remember_prefix(sequence.request.model_id, tokens, cache)
         usage = make_usage(sequence, now)
-        self._deliver(sequence, GenerationChunk(text, ids, finish, usage, matched))
+        self._deliver(sequence, GenerationChunk(text, ids, finish, usage, matched, entries))
         self._end(slot, sequence, END, finish, usage)
+
+    def _start_forks(self, slot: ModelSlot, leader: Sequence) -> None:
+        """The leader's prefill is done: its other samples start from a copy of its KV cache
+        (all but the prompt's last token, which each computes to draw its first token)."""
+        forks, leader.forks = leader.forks, []
+        keep = len(leader.prompt) - 1
+        extracted = slot.generator.extract_cache([leader.uid]).get(leader.uid)
+        for fork in forks:
+            fork.leader = None
+            if extracted is None or extracted[0][0].offset < keep:
+                continue  # not in the batch after all: the fork prefills on its own
+            cache = copy.deepcopy(extracted[0])
+            excess = cache[0].offset - keep
+            if excess and not (can_trim_prompt_cache(cache) and trim_prompt_cache(cache, excess)):
+                continue
+            fork.cached_tokens = keep
+            fork.generator_args.update(
+                prompts=list(fork.prompt[keep:]), caches=cache, all_tokens=list(fork.prompt[:keep])
+            )
 
     def _publish_token(self, sequence: Sequence, response: Any, text: str, last: bool) -> None:
         """Only runs while someone subscribes to TokenGenerated: it costs a device sync."""
@@ -441,13 +618,21 @@ class Scheduler:
                 ),
                 model_id=request.model_id,
                 request_id=request.request_id,
+                client_request_id=request.client_request_id,
             )
         )
         if last:
             end = TokenGenerated(
                 request.model_id, "", end_of_sequence=True, metadata=request.metadata
             )
-            self.publish(Event(end, model_id=request.model_id, request_id=request.request_id))
+            self.publish(
+                Event(
+                    end,
+                    model_id=request.model_id,
+                    request_id=request.request_id,
+                    client_request_id=request.client_request_id,
+                )
+            )
 
     def _mark_started(self, sequence: Sequence, now: float) -> None:
         sequence.started, sequence.start_time = True, now
@@ -491,6 +676,12 @@ class Scheduler:
         elif sequence in slot.waiting:
             slot.waiting.remove(sequence)
         self.sequences.pop(sequence.rid, None)
+        self._timed.discard(sequence)
+        if sequence.constrained is not None:
+            slot.masks.discard(sequence.constrained)
+        for fork in sequence.forks:  # never started from this one's prefill: prefill alone
+            fork.leader = None
+        sequence.forks = []
         usage = usage or make_usage(sequence, time.perf_counter())
         if isinstance(final, RequestAborted):
             # As the contract says: a last message with the reason and the usage so far, then
@@ -522,6 +713,7 @@ class Scheduler:
                 ),
                 model_id=sequence.request.model_id,
                 request_id=sequence.request.request_id,
+                client_request_id=sequence.request.client_request_id,
             )
         )
 
@@ -618,6 +810,8 @@ def finish_reason(response: Any, sequence: Sequence) -> FinishReason | None:
             return FinishReason.END_OF_SEQUENCE
         return FinishReason.STOP_SEQUENCE
     if reason == "length":
+        if sequence.constrained is not None and sequence.constrained.incomplete(response.token):
+            return FinishReason.STRUCTURE_INCOMPLETE
         return FinishReason.CONTEXT_LENGTH if sequence.context_clipped else FinishReason.MAX_TOKENS
     return None
 

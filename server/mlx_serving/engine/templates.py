@@ -13,6 +13,7 @@ import time
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
+from typing import Any
 
 from .errors import FieldViolation, InvalidRequest
 
@@ -35,12 +36,17 @@ class TemplateRenderer:
             self._idle.put_nowait(RenderWorker())
 
     async def render(
-        self, model_path: Path, messages: list[dict[str, str]], add_generation_prompt: bool
+        self,
+        model_path: Path,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """The chat as the model's template renders it; InvalidRequest if the template fails
         or runs past the time limit."""
         worker = await self._idle.get()
-        job = (str(model_path), messages, add_generation_prompt)
+        job = (str(model_path), messages, add_generation_prompt, tools, template_kwargs or {})
         try:
             ok, value = await asyncio.to_thread(worker.run, job, self.timeout)
         finally:
@@ -114,7 +120,7 @@ def serve_renders(conn: Connection) -> None:
     tokenizers: dict[str, object] = {}
     while True:
         try:
-            path, messages, add_generation_prompt = conn.recv()
+            path, *chat = conn.recv()
         except EOFError:
             return
         try:
@@ -126,15 +132,25 @@ def serve_renders(conn: Connection) -> None:
             conn.send((False, f"the model's tokenizer could not be read: {type(exc).__name__}"))
             continue
         conn.send((True, ""))
-        conn.send(render_chat(tokenizer, messages, add_generation_prompt))
+        conn.send(render_chat(tokenizer, *chat))
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool):
+def render_chat(
+    tokenizer,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+):
     """(True, text), or (False, why) when the template raises (it may on purpose: many check
     the roles' order)."""
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **(template_kwargs or {}),
         )
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

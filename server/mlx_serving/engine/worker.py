@@ -108,7 +108,7 @@ class Worker:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-loader")
         self._call_id: int | None = None
         self._handlers = {
-            Admit: lambda c: self.scheduler.admit(c.admission, c.rid, c.internal),
+            Admit: lambda c: self.scheduler.admit(c.admission, c.rid, c.internal, c.fork_of),
             Cancel: lambda c: self.scheduler.cancel(c.rid),
             Load: self._load,
             Unload: lambda c: self.scheduler.unload(c.model_id),
@@ -258,7 +258,7 @@ class Worker:
 
     def _finish_loading(self, loading: Loading, path: Path, tokenizer) -> None:
         info = describe_model(
-            loading.model_id, loading.source, loading.model, tokenizer, loading.config
+            loading.model_id, loading.source, loading.model, tokenizer, loading.config, path
         )
         loaded = LoadedModel(model=loading.model, tokenizer=tokenizer, info=info, path=path)
         self.loading.pop(0)

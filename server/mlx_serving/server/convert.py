@@ -11,7 +11,15 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from mlx_serving.engine import events
-from mlx_serving.engine.models import ModelInfo, ModelSource, ModelState, Quantization
+from mlx_serving.engine.errors import FieldViolation, InvalidRequest
+from mlx_serving.engine.models import (
+    GenerationDefaults,
+    ModelInfo,
+    ModelSource,
+    ModelState,
+    Quantization,
+)
+from mlx_serving.engine.prompts import Tokenized, TokenizeOptions
 from mlx_serving.engine.requests import (
     TOOL_CHOICE_AUTO,
     TOOL_CHOICE_NONE,
@@ -30,6 +38,7 @@ from mlx_serving.engine.requests import (
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
 from mlx_serving.v1 import model_service_pb2 as model_pb
+from mlx_serving.v1 import tokenize_service_pb2 as tokenize_pb
 
 # GenerateRequest's optional sampling fields, named as SamplingParams names them.
 SAMPLING_FIELDS = (
@@ -215,6 +224,7 @@ def generate_response(
         seed=chunk.seed,
         client_request_id=client_request_id,
         tool_calls=[tool_call_pb(call) for call in chunk.tool_calls],
+        total_usage=usage(chunk.total_usage) if chunk.total_usage else None,
     )
 
 
@@ -285,7 +295,70 @@ def model_pb_from_info(info: ModelInfo) -> model_pb.Model:
         loaded_time=timestamp(info.loaded_time) if info.loaded_time is not None else None,
         weight_bytes=info.weight_bytes,
         weight_bytes_loaded=info.weight_bytes_loaded,
+        eos_token_ids=info.eos_token_ids,
+        bos_token_id=info.bos_token_id,
+        generation_defaults=generation_defaults_pb(info.generation_defaults),
     )
+
+
+def generation_defaults_pb(defaults: GenerationDefaults) -> model_pb.GenerationDefaults | None:
+    """The parameters the model's generation_config.json gives; None (unset) when it gives none."""
+    given = {
+        name: value for name, value in dataclasses.asdict(defaults).items() if value is not None
+    }
+    return model_pb.GenerationDefaults(**given) if given else None
+
+
+# ---- tokens ----------------------------------------------------------------------------
+
+
+def tokenize_texts(request: tokenize_pb.TokenizeRequest) -> tuple[list[str], str]:
+    """The texts a TokenizeRequest asks about and the field that holds them. `texts` needs
+    `text` empty: the answer goes in `results` or in the top-level fields, never both."""
+    if not request.texts:
+        return [request.text], "text"
+    if request.text:
+        raise InvalidRequest(FieldViolation("texts", "set together with `text`; send one"))
+    return list(request.texts), "texts"
+
+
+def tokenize_options(request: tokenize_pb.TokenizeRequest) -> TokenizeOptions:
+    return TokenizeOptions(
+        add_special_tokens=request.add_special_tokens,
+        return_pieces=request.return_pieces,
+        return_offsets=request.return_offsets,
+        count_only=request.count_only,
+    )
+
+
+def tokenize_response(results: list[Tokenized], several: bool) -> tokenize_pb.TokenizeResponse:
+    """One text's tokens in the top-level fields; several texts' in `results`, with their
+    total count."""
+    if several:
+        return tokenize_pb.TokenizeResponse(
+            results=[tokenized_pb(result) for result in results],
+            count=sum(result.count for result in results),
+        )
+    (result,) = results
+    return tokenize_pb.TokenizeResponse(
+        token_ids=result.token_ids,
+        pieces=result.pieces,
+        offsets=token_offsets_pb(result),
+        count=result.count,
+    )
+
+
+def tokenized_pb(result: Tokenized) -> tokenize_pb.Tokenized:
+    return tokenize_pb.Tokenized(
+        token_ids=result.token_ids,
+        pieces=result.pieces,
+        offsets=token_offsets_pb(result),
+        count=result.count,
+    )
+
+
+def token_offsets_pb(result: Tokenized) -> list[tokenize_pb.TokenOffset]:
+    return [tokenize_pb.TokenOffset(start=start, end=end) for start, end in result.offsets]
 
 
 # ---- events ----------------------------------------------------------------------------
@@ -302,7 +375,10 @@ def event_filter(
 def event_pb(event: events.Event) -> events_pb.Event:
     field, payload = event_payload_pb(event.payload)
     return events_pb.Event(
-        time=timestamp(event.time), request_id=event.request_id, **{field: payload}
+        time=timestamp(event.time),
+        request_id=event.request_id,
+        client_request_id=event.client_request_id,
+        **{field: payload},
     )
 
 

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 DEFAULT_MODEL_NAME = "tiny-llama"
 
 # Bump when the build changes in a way the digest of the inputs cannot see.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 BOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -57,9 +57,52 @@ MODEL_CONFIG = {
     "torch_dtype": "float32",
 }
 
+# ChatML, with tools as Qwen2.5 (Hermes) writes them: listed in the system turn, called in
+# <tool_call> JSON, answered in a user turn of <tool_response>s. mlx-lm reads calls in this
+# format back with its json_tools parser, which it picks for a template naming both
+# `<tool_call>` and `tool_call.name`.
 CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}"
+    "{{- messages[0].content + '\\n\\n' }}"
+    "{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}"
+    "{{- '\\n' + tool | tojson }}"
+    "{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\\n'
+    "</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- if message.role == 'system' and loop.first and tools %}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}"
+    "{{- '<|im_start|>user' }}"
+    "{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message.content %}"
+    "{{- '\\n' + message.content }}"
+    "{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}"
+    "{%- set tool_call = tool_call.function %}"
+    "{%- endif %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + tool_call.name + \'", "arguments": \' }}'
+    "{{- tool_call.arguments | tojson + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"
@@ -326,10 +369,15 @@ def _model_config(ids: dict[str, int]) -> dict:
 
 
 def _generation_config(ids: dict[str, int]) -> dict:
+    """With sampling defaults, as real checkpoints recommend (reported by GetModel only)."""
     return {
         "bos_token_id": ids[BOS_TOKEN],
         "eos_token_id": ids[IM_END],
         "pad_token_id": ids[PAD_TOKEN],
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
     }
 
 

@@ -15,6 +15,7 @@ import protovalidate
 from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.events import Event
 from mlx_serving.engine.models import ModelSource
+from mlx_serving.engine.requests import GenerationRequest
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import events_service_pb2_grpc as events_grpc
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
@@ -93,15 +94,16 @@ class GenerateService(generate_grpc.GenerateServiceServicer):
         self._engine = engine
 
     async def Generate(self, request: generate_pb.GenerateRequest, context) -> None:
-        request_id = current_request_id()
+        request_id, client_request_id = current_request_id(), request.client_request_id
+        tracing.set_client_request_id(client_request_id)
         chunks = self._engine.generate(convert.generation_request(request, request_id))
         try:
             async for chunk in chunks:
-                if chunk.usage is not None:  # the last chunk: the engine's phases, as spans
+                if chunk.usage is not None:  # a sample's last chunk: its phases, as spans
                     tracing.record_generation(
                         request.model_id, chunk.finish_reason, chunk.usage, request_id
                     )
-                await context.write(convert.generate_response(chunk, request_id))
+                await context.write(convert.generate_response(chunk, request_id, client_request_id))
         finally:
             await chunks.aclose()
 
@@ -111,16 +113,26 @@ class TokenizeService(tokenize_grpc.TokenizeServiceServicer):
         self._engine = engine
 
     async def Tokenize(self, request: tokenize_pb.TokenizeRequest, context):
-        ids, pieces = await self._engine.tokenize(
-            request.model_id, request.text, request.add_special_tokens, request.return_pieces
+        texts, field = convert.tokenize_texts(request)
+        results = await self._engine.tokenize(
+            request.model_id, texts, field, convert.tokenize_options(request)
         )
-        return tokenize_pb.TokenizeResponse(token_ids=ids, pieces=pieces)
+        return convert.tokenize_response(results, several=field == "texts")
 
     async def Detokenize(self, request: tokenize_pb.DetokenizeRequest, context):
         text = await self._engine.detokenize(
             request.model_id, list(request.token_ids), request.skip_special_tokens
         )
         return tokenize_pb.DetokenizeResponse(text=text)
+
+    async def RenderChatTemplate(self, request: tokenize_pb.RenderChatTemplateRequest, context):
+        chat = GenerationRequest(
+            model_id=request.model_id,
+            messages=convert.chat_messages(request.chat),
+            **convert.chat_options(request.chat),
+        )
+        text, ids = await self._engine.render_chat(chat)
+        return tokenize_pb.RenderChatTemplateResponse(text=text, token_ids=ids)
 
 
 class EventsService(events_grpc.EventsServiceServicer):

@@ -32,6 +32,8 @@ PREFILL_SPAN = "mlx_serving.prefill"
 DECODE_SPAN = "mlx_serving.decode"
 # The id ContractInterceptor gives each RPC (in responses, events and INTERNAL errors' logs).
 REQUEST_ID_ATTRIBUTE = "mlx_serving.request_id"
+# The caller's own id for a generation (GenerateRequest.client_request_id).
+CLIENT_REQUEST_ID_ATTRIBUTE = "mlx_serving.client_request_id"
 
 # Server-side failures mark a span as an error; a client's mistake does not (OTel gRPC semconv).
 SERVER_ERRORS = frozenset(
@@ -138,6 +140,12 @@ def set_rpc_status(method: str, code: grpc.StatusCode, seconds: float) -> None:
         span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
     if code in SERVER_ERRORS:
         span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+
+
+def set_client_request_id(client_request_id: str) -> None:
+    span = trace.get_current_span()
+    if client_request_id and span.is_recording():
+        span.set_attribute(CLIENT_REQUEST_ID_ATTRIBUTE, client_request_id)
 
 
 def record_generation(

@@ -35,7 +35,7 @@ class ServerSettings(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes")
+    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes", "max_constraint_bytes")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class EngineSettings(_message.Message):
     CHAT_TEMPLATE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_TOKENIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONSTRAINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queued_requests: int
     prefill_batch_size: int
@@ -74,7 +75,8 @@ class EngineSettings(_message.Message):
     chat_template_timeout_seconds: float
     max_concurrent_tokenize: int
     max_tokenize_bytes: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ...) -> None: ...
+    max_constraint_bytes: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ...) -> None: ...
 
 class TelemetrySettings(_message.Message):
     __slots__ = ("enabled", "service_name", "prometheus_port", "export_interval_ms", "otlp_endpoint", "prometheus_host")

@@ -245,8 +245,11 @@ type EngineSettings struct {
 	MaxConcurrentTokenize *int32 `protobuf:"varint,18,opt,name=max_concurrent_tokenize,json=maxConcurrentTokenize,proto3,oneof" json:"max_concurrent_tokenize,omitempty"`
 	// The longest text, in bytes, that Tokenize accepts. Default 1048576.
 	MaxTokenizeBytes *int32 `protobuf:"varint,19,opt,name=max_tokenize_bytes,json=maxTokenizeBytes,proto3,oneof" json:"max_tokenize_bytes,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The largest constraint (JSON schema, regex, grammar, or all choices together), in bytes,
+	// that GenerateRequest accepts. Default 65536.
+	MaxConstraintBytes *int32 `protobuf:"varint,20,opt,name=max_constraint_bytes,json=maxConstraintBytes,proto3,oneof" json:"max_constraint_bytes,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *EngineSettings) Reset() {
@@ -408,6 +411,13 @@ func (x *EngineSettings) GetMaxConcurrentTokenize() int32 {
 func (x *EngineSettings) GetMaxTokenizeBytes() int32 {
 	if x != nil && x.MaxTokenizeBytes != nil {
 		return *x.MaxTokenizeBytes
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetMaxConstraintBytes() int32 {
+	if x != nil && x.MaxConstraintBytes != nil {
+		return *x.MaxConstraintBytes
 	}
 	return 0
 }
@@ -585,7 +595,7 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x17_shutdown_grace_secondsB\f\n" +
 	"\n" +
 	"_log_levelB\x15\n" +
-	"\x13_max_response_bytes\"\x83\x0e\n" +
+	"\x13_max_response_bytes\"\xe0\x0e\n" +
 	"\x0eEngineSettings\x125\n" +
 	"\x0emax_batch_size\x18\x01 \x01(\x05B\n" +
 	"\xbaH\a\x1a\x05\x18\x80\b(\x01H\x00R\fmaxBatchSize\x88\x01\x01\x12@\n" +
@@ -611,7 +621,8 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\xbaH\a\x1a\x05\x18\x80\x02(\x01H\x0fR\x13chatTemplateWorkers\x88\x01\x01\x12_\n" +
 	"\x1dchat_template_timeout_seconds\x18\x11 \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00 \xac@!\x00\x00\x00\x00\x00\x00\x00\x00H\x10R\x1achatTemplateTimeoutSeconds\x88\x01\x01\x12H\n" +
 	"\x17max_concurrent_tokenize\x18\x12 \x01(\x05B\v\xbaH\b\x1a\x06\x18\xa0\x8d\x06(\x01H\x11R\x15maxConcurrentTokenize\x88\x01\x01\x12?\n" +
-	"\x12max_tokenize_bytes\x18\x13 \x01(\x05B\f\xbaH\t\x1a\a\x18\x80\x80\x80\x02(\x01H\x12R\x10maxTokenizeBytes\x88\x01\x01B\x11\n" +
+	"\x12max_tokenize_bytes\x18\x13 \x01(\x05B\f\xbaH\t\x1a\a\x18\x80\x80\x80\x02(\x01H\x12R\x10maxTokenizeBytes\x88\x01\x01\x12B\n" +
+	"\x14max_constraint_bytes\x18\x14 \x01(\x05B\v\xbaH\b\x1a\x06\x18\x80\x80@(\x01H\x13R\x12maxConstraintBytes\x88\x01\x01B\x11\n" +
 	"\x0f_max_batch_sizeB\x16\n" +
 	"\x14_max_queued_requestsB\x15\n" +
 	"\x13_prefill_batch_sizeB\x14\n" +
@@ -630,7 +641,8 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x16_chat_template_workersB \n" +
 	"\x1e_chat_template_timeout_secondsB\x1a\n" +
 	"\x18_max_concurrent_tokenizeB\x15\n" +
-	"\x13_max_tokenize_bytes\"\xb2\x04\n" +
+	"\x13_max_tokenize_bytesB\x17\n" +
+	"\x15_max_constraint_bytes\"\xb2\x04\n" +
 	"\x11TelemetrySettings\x12%\n" +
 	"\aenabled\x18\x01 \x01(\bB\x06\xbaH\x03\xc8\x01\x01H\x00R\aenabled\x88\x01\x01\x12\xaf\x01\n" +
 	"\fservice_name\x18\x02 \x01(\tB\x86\x01\xbaH\x82\x01\xba\x01\x7f\n" +

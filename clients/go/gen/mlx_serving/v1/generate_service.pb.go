@@ -581,13 +581,15 @@ type isGenerateRequest_Constraint interface {
 }
 
 type GenerateRequest_JsonSchema struct {
-	// A JSON schema (draft 2020-12 subset llguidance supports), as JSON text: the output is
-	// one JSON value that validates against it.
+	// A JSON schema (the draft 2020-12 subset llguidance supports), as JSON text: the output
+	// is one JSON value that validates against it, written as Python's json.dumps writes it
+	// (", " and ": ", no other whitespace) unless the schema's "x-guidance" options say
+	// otherwise.
 	JsonSchema string `protobuf:"bytes,22,opt,name=json_schema,json=jsonSchema,proto3,oneof"`
 }
 
 type GenerateRequest_JsonObject struct {
-	// Any one JSON object.
+	// Any one JSON object, written as json_schema outputs are.
 	JsonObject *JsonObject `protobuf:"bytes,23,opt,name=json_object,json=jsonObject,proto3,oneof"`
 }
 
