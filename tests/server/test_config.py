@@ -223,7 +223,10 @@ def test_every_number_has_both_bounds():
 @pytest.mark.parametrize(
     ("given", "problem"),
     [
-        ({"servr": {}}, "servr: unknown key (allowed: server, engine, telemetry, models)"),
+        (
+            {"servr": {}},
+            "servr: unknown key (allowed: server, engine, telemetry, models, security)",
+        ),
         (
             {"telemetry": {"enabled": True, "prometheus_prot": 9100}},
             "telemetry.prometheus_prot: unknown key (allowed: enabled, service_name, "
@@ -237,7 +240,9 @@ def test_every_number_has_both_bounds():
             "prefill_gather_seconds, fuse_projections, decode_attention_kernel, "
             "cudnn_prefill_attention, default_context_length, tokenizer_threads, "
             "chat_template_workers, chat_template_timeout_seconds, max_concurrent_tokenize, "
-            "max_tokenize_bytes, max_constraint_bytes)",
+            "max_tokenize_bytes, max_constraint_bytes, max_prompt_tokens, max_generation_tokens, "
+            "max_request_tokens, max_stop_strings, max_engine_restarts, "
+            "engine_restart_backoff_seconds)",
         ),
         (
             {
@@ -304,11 +309,14 @@ def test_every_problem_is_reported_at_once(tmp_path):
     env = {"MLX_SERVING_TELEMETRY_PROMETHEUS_PORT": "80", "MLX_SERVING_SERVER_PROT": "1"}
     assert problems(env, path, models=[{}]) == [
         "server.hots: unknown key (allowed: host, port, shutdown_grace_seconds, log_level, "
-        "max_response_bytes)",
+        "max_response_bytes, tls, max_request_bytes, max_streams_per_client, "
+        "max_subscriptions_per_client)",
         "engine.max_batch_size: expected an integer, got str 'a'",
         "MLX_SERVING_SERVER_PROT: unknown variable (allowed: MLX_SERVING_SERVER_HOST, "
         "MLX_SERVING_SERVER_PORT, MLX_SERVING_SERVER_SHUTDOWN_GRACE_SECONDS, "
-        "MLX_SERVING_SERVER_LOG_LEVEL, MLX_SERVING_SERVER_MAX_RESPONSE_BYTES)",
+        "MLX_SERVING_SERVER_LOG_LEVEL, MLX_SERVING_SERVER_MAX_RESPONSE_BYTES, "
+        "MLX_SERVING_SERVER_MAX_REQUEST_BYTES, MLX_SERVING_SERVER_MAX_STREAMS_PER_CLIENT, "
+        "MLX_SERVING_SERVER_MAX_SUBSCRIPTIONS_PER_CLIENT)",
         f"server.port: {between(0, 65535)}",
         "telemetry.enabled: value is required",
         f"telemetry.prometheus_port: {between(1024, 65535)}",
@@ -348,8 +356,8 @@ def test_every_key_has_an_environment_variable():
     assert "MLX_SERVING_TELEMETRY_PROMETHEUS_PORT" in names
     assert "MLX_SERVING_ENGINE_MAX_BATCH_SIZE" in names
     expected = sum(
-        len(getattr(default_config(), s).DESCRIPTOR.fields)
-        for s in ("server", "engine", "telemetry")
+        len([f for f in getattr(default_config(), s).DESCRIPTOR.fields if not f.message_type])
+        for s in ("server", "engine", "telemetry", "security")
     )
     assert len(names) == expected
 
@@ -380,8 +388,8 @@ def test_every_key_has_an_environment_variable():
             "MLX_SERVING_TELEMTRY_ENABLED",
             "true",
             "MLX_SERVING_TELEMTRY_ENABLED: unknown variable (allowed: MLX_SERVING_CONFIG, "
-            "MLX_SERVING_CACHE, MLX_SERVING_ENGINE_*, MLX_SERVING_SERVER_*, "
-            "MLX_SERVING_TELEMETRY_*)",
+            "MLX_SERVING_CACHE, MLX_SERVING_ENGINE_*, MLX_SERVING_SECURITY_*, "
+            "MLX_SERVING_SERVER_*, MLX_SERVING_TELEMETRY_*)",
         ),
     ],
 )
@@ -587,7 +595,7 @@ def test_config_check(tmp_path):
     done = run_cli("config", "check", str(bad))
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.splitlines() == [
-        "engin: unknown key (allowed: server, engine, telemetry, models)",
+        "engin: unknown key (allowed: server, engine, telemetry, models, security)",
         "telemetry.enabled: value is required",
         f"telemetry.prometheus_port: {between(1024, 65535)}",
         f"telemetry.export_interval_ms: {between(1000, 600000)}",
@@ -606,6 +614,9 @@ def test_config_print(tmp_path):
         "shutdown_grace_seconds": 10.0,
         "log_level": "info",
         "max_response_bytes": 4194304,
+        "max_request_bytes": 8388608,
+        "max_streams_per_client": 64,
+        "max_subscriptions_per_client": 4,
     }
     assert printed["engine"]["max_batch_size"] == 8
     assert printed["telemetry"]["service_name"] == "svc_1"

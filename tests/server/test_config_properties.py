@@ -37,8 +37,18 @@ def pattern(field) -> str:
     return field.GetOptions().Extensions[validate_pb2.field].string.pattern
 
 
-# The string keys, each drawn within its own rule; every string key must have one here.
+paths = any_text.filter(bool)
+security = config_pb.SecuritySettings.DESCRIPTOR.fields_by_name
+
+# The string keys, each drawn within its own rule; every string key must have one here (a
+# list's items, for a list).
 STRINGS = {
+    "security.tokens_file": paths,
+    "security.tokens_env": st.from_regex(
+        pattern(security["tokens_env"]).strip("^$"), fullmatch=True
+    ),
+    "security.model_roots": paths,
+    "security.hugging_face_organizations": st.from_regex(r"[A-Za-z0-9-]{1,20}", fullmatch=True),
     "server.host": addresses,
     "server.log_level": st.sampled_from(["debug", "info", "warning", "error"]),
     "telemetry.service_name": st.from_regex(r"[A-Za-z0-9_-]{1,100}", fullmatch=True),
@@ -61,6 +71,12 @@ def number(field):
 
 
 def value(section: str, field):
+    if field.message_type is not None:  # server.tls
+        return st.fixed_dictionaries(
+            {"cert_file": paths, "key_file": paths}, optional={"client_ca_file": any_text}
+        )
+    if field.is_repeated:
+        return st.lists(STRINGS[f"{section}.{field.name}"], max_size=3)
     if field.cpp_type == field.CPPTYPE_BOOL:
         return st.booleans()
     if field.cpp_type == field.CPPTYPE_STRING:
@@ -106,6 +122,7 @@ def configs(draw) -> dict:
         "engine": draw(section("engine")),
         "telemetry": draw(section("telemetry", required=("enabled",))),
         "models": draw(st.one_of(st.none(), models)),
+        "security": draw(section("security")),
     }
     return {key: table for key, table in given.items() if table is not None}
 

@@ -51,6 +51,16 @@ class EngineConfig:
     max_tokenize_bytes: int = 1 << 20
     # The largest constraint (schema, regex, grammar, choices) a request may give.
     max_constraint_bytes: int = 64 << 10
+    # Per-request limits (0: none beyond the model's context): prompt tokens, max_tokens,
+    # prompt + n x max_tokens, stop strings.
+    max_prompt_tokens: int = 0
+    max_generation_tokens: int = 131072
+    max_request_tokens: int = 0
+    max_stop_strings: int = 16
+    # A dead or wedged engine process is restarted this many times in a row, the first after
+    # engine_restart_backoff_seconds, doubling; then the server exits.
+    max_engine_restarts: int = 3
+    engine_restart_backoff_seconds: float = 1.0
 
 
 def mlx_environment(config: EngineConfig) -> dict[str, str]:

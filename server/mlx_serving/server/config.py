@@ -25,6 +25,7 @@ from mlx_serving.v1 import config_pb2 as config_pb
 
 from . import convert
 from .app import DEFAULT_HOST, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_PORT
+from .default_model import cache_root
 from .interceptor import describe
 from .telemetry import (
     DEFAULT_EXPORT_INTERVAL_MS,
@@ -40,6 +41,11 @@ CONFIG_ENV = "MLX_SERVING_CONFIG"
 CACHE_ENV = "MLX_SERVING_CACHE"
 
 DEFAULT_LOG_LEVEL = "info"
+# A 4 MiB prompt (the contract's largest) and the rest of its request.
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+DEFAULT_MAX_STREAMS_PER_CLIENT = 64
+DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT = 4
+DEFAULT_MAX_LOADED_MODELS = 16
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -101,6 +107,18 @@ def default_config() -> config_pb.Config:
             shutdown_grace_seconds=engine.shutdown_grace_seconds,
             log_level=DEFAULT_LOG_LEVEL,
             max_response_bytes=DEFAULT_MAX_RESPONSE_BYTES,
+            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+            max_streams_per_client=DEFAULT_MAX_STREAMS_PER_CLIENT,
+            max_subscriptions_per_client=DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
+        ),
+        security=config_pb.SecuritySettings(
+            protect_health=False,
+            allow_loading=True,
+            model_roots=[str(root) for root in default_model_roots()],
+            allow_hugging_face=True,
+            trust_remote_code=False,
+            max_loaded_models=DEFAULT_MAX_LOADED_MODELS,
+            max_loaded_bytes=0,
         ),
         engine=config_pb.EngineSettings(**{k: getattr(engine, k) for k in engine_keys()}),
         telemetry=config_pb.TelemetrySettings(
@@ -111,6 +129,14 @@ def default_config() -> config_pb.Config:
             prometheus_host=DEFAULT_PROMETHEUS_HOST,
         ),
     )
+
+
+def default_model_roots() -> list[Path]:
+    """Where LoadModel may read local models unless configured: the Hugging Face cache and the
+    built-in model's cache."""
+    from huggingface_hub import constants
+
+    return [Path(constants.HF_HUB_CACHE), cache_root(None)]
 
 
 def engine_keys() -> list[str]:
@@ -193,7 +219,11 @@ def env_layer(env: Mapping[str, str], problems: list[Problem]) -> dict:
             continue
         section, field = names[name]
         try:
-            layer.setdefault(section, {})[field.name] = fitted(field, parsed(field, text))
+            if field.is_repeated:  # a list: comma-separated
+                value = [fitted(field, parsed(field, part)) for part in text.split(",") if part]
+            else:
+                value = fitted(field, parsed(field, text))
+            layer.setdefault(section, {})[field.name] = value
         except ValueError as exc:
             problems.append((f"{section}.{field.name}", f"{name}={text!r}: {exc}"))
     return layer
@@ -282,6 +312,8 @@ def checked_value(field: FieldDescriptor, value: Any, where: str, problems: list
         if not isinstance(value, list):
             raise ValueError("expected a list")
         kind = field.message_type
+        if kind is None:
+            return [fitted(field, item) for item in value]
         return [checked(item, kind, f"{where}[{i}]", problems) for i, item in enumerate(value)]
     if field.message_type is not None:
         return checked(value, field.message_type, where, problems)
@@ -352,7 +384,9 @@ def build(message: Message, data: Mapping) -> Message:
     """`message` with checked data set into it; a table given, even empty, is present."""
     for key, value in data.items():
         field = message.DESCRIPTOR.fields_by_name[key]
-        if field.is_repeated:
+        if field.is_repeated and field.message_type is None:
+            getattr(message, key).extend(value)
+        elif field.is_repeated:
             for item in value:
                 build(getattr(message, key).add(), item)
         elif field.message_type is not None:
@@ -371,7 +405,9 @@ def to_dict(message: Message) -> dict:
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
         if field.is_repeated:
-            data[field.name] = [to_dict(item) for item in value]
+            data[field.name] = (
+                [to_dict(item) for item in value] if field.message_type else list(value)
+            )
         elif not field.has_presence or message.HasField(field.name):
             data[field.name] = value if field.message_type is None else to_dict(value)
     return data

@@ -249,7 +249,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
     The directory name carries the recipe version and a digest of its
     inputs, so changing the recipe builds a fresh model next to the old one.
     """
-    path = _cache_root(cache_dir) / f"{DEFAULT_MODEL_NAME}-v{RECIPE_VERSION}-{recipe_digest()}"
+    path = cache_root(cache_dir) / f"{DEFAULT_MODEL_NAME}-v{RECIPE_VERSION}-{recipe_digest()}"
     if _is_complete(path):
         return path
     return _build(path, keep_existing=True)
@@ -261,7 +261,7 @@ def recipe_digest() -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _cache_root(cache_dir: Path | None) -> Path:
+def cache_root(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get("MLX_SERVING_CACHE")

@@ -9,33 +9,77 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Config(_message.Message):
-    __slots__ = ("server", "engine", "telemetry", "models")
+    __slots__ = ("server", "engine", "telemetry", "models", "security")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SECURITY_FIELD_NUMBER: _ClassVar[int]
     server: ServerSettings
     engine: EngineSettings
     telemetry: TelemetrySettings
     models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
-    def __init__(self, server: _Optional[_Union[ServerSettings, _Mapping]] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetrySettings, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ...) -> None: ...
+    security: SecuritySettings
+    def __init__(self, server: _Optional[_Union[ServerSettings, _Mapping]] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetrySettings, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., security: _Optional[_Union[SecuritySettings, _Mapping]] = ...) -> None: ...
 
 class ServerSettings(_message.Message):
-    __slots__ = ("host", "port", "shutdown_grace_seconds", "log_level", "max_response_bytes")
+    __slots__ = ("host", "port", "shutdown_grace_seconds", "log_level", "max_response_bytes", "tls", "max_request_bytes", "max_streams_per_client", "max_subscriptions_per_client")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
     MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUBSCRIPTIONS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
     shutdown_grace_seconds: float
     log_level: str
     max_response_bytes: int
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
+    tls: TlsSettings
+    max_request_bytes: int
+    max_streams_per_client: int
+    max_subscriptions_per_client: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ..., max_response_bytes: _Optional[int] = ..., tls: _Optional[_Union[TlsSettings, _Mapping]] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_subscriptions_per_client: _Optional[int] = ...) -> None: ...
+
+class TlsSettings(_message.Message):
+    __slots__ = ("cert_file", "key_file", "client_ca_file")
+    CERT_FILE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FILE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CA_FILE_FIELD_NUMBER: _ClassVar[int]
+    cert_file: str
+    key_file: str
+    client_ca_file: str
+    def __init__(self, cert_file: _Optional[str] = ..., key_file: _Optional[str] = ..., client_ca_file: _Optional[str] = ...) -> None: ...
+
+class SecuritySettings(_message.Message):
+    __slots__ = ("tokens_file", "tokens_env", "protect_health", "allow_loading", "model_roots", "allow_hugging_face", "hugging_face_organizations", "trust_remote_code", "max_loaded_models", "max_loaded_bytes")
+    TOKENS_FILE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_ENV_FIELD_NUMBER: _ClassVar[int]
+    PROTECT_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LOADING_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROOTS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_HUGGING_FACE_FIELD_NUMBER: _ClassVar[int]
+    HUGGING_FACE_ORGANIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    TRUST_REMOTE_CODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tokens_file: str
+    tokens_env: str
+    protect_health: bool
+    allow_loading: bool
+    model_roots: _containers.RepeatedScalarFieldContainer[str]
+    allow_hugging_face: bool
+    hugging_face_organizations: _containers.RepeatedScalarFieldContainer[str]
+    trust_remote_code: bool
+    max_loaded_models: int
+    max_loaded_bytes: int
+    def __init__(self, tokens_file: _Optional[str] = ..., tokens_env: _Optional[str] = ..., protect_health: _Optional[bool] = ..., allow_loading: _Optional[bool] = ..., model_roots: _Optional[_Iterable[str]] = ..., allow_hugging_face: _Optional[bool] = ..., hugging_face_organizations: _Optional[_Iterable[str]] = ..., trust_remote_code: _Optional[bool] = ..., max_loaded_models: _Optional[int] = ..., max_loaded_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes", "max_constraint_bytes")
+    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes", "max_constraint_bytes", "max_prompt_tokens", "max_generation_tokens", "max_request_tokens", "max_stop_strings", "max_engine_restarts", "engine_restart_backoff_seconds")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +100,12 @@ class EngineSettings(_message.Message):
     MAX_CONCURRENT_TOKENIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONSTRAINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENGINE_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_RESTART_BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queued_requests: int
     prefill_batch_size: int
@@ -76,7 +126,13 @@ class EngineSettings(_message.Message):
     max_concurrent_tokenize: int
     max_tokenize_bytes: int
     max_constraint_bytes: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ...) -> None: ...
+    max_prompt_tokens: int
+    max_generation_tokens: int
+    max_request_tokens: int
+    max_stop_strings: int
+    max_engine_restarts: int
+    engine_restart_backoff_seconds: float
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_generation_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_engine_restarts: _Optional[int] = ..., engine_restart_backoff_seconds: _Optional[float] = ...) -> None: ...
 
 class TelemetrySettings(_message.Message):
     __slots__ = ("enabled", "service_name", "prometheus_port", "export_interval_ms", "otlp_endpoint", "prometheus_host")

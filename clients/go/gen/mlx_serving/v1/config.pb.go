@@ -36,7 +36,9 @@ type Config struct {
 	// Metrics and traces; off unless the section is present with enabled = true.
 	Telemetry *TelemetrySettings `protobuf:"bytes,3,opt,name=telemetry,proto3" json:"telemetry,omitempty"`
 	// Models to load at startup, in order. None loads the built-in tiny test model.
-	Models        []*ModelSpec `protobuf:"bytes,4,rep,name=models,proto3" json:"models,omitempty"`
+	Models []*ModelSpec `protobuf:"bytes,4,rep,name=models,proto3" json:"models,omitempty"`
+	// Who may call the server, and what LoadModel may load.
+	Security      *SecuritySettings `protobuf:"bytes,5,opt,name=security,proto3" json:"security,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -99,11 +101,18 @@ func (x *Config) GetModels() []*ModelSpec {
 	return nil
 }
 
+func (x *Config) GetSecurity() *SecuritySettings {
+	if x != nil {
+		return x.Security
+	}
+	return nil
+}
+
 // ServerSettings configures the gRPC server and its process.
 type ServerSettings struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The interface to listen on: an IP address or a hostname. Default "127.0.0.1": the server has
-	// no authentication, so listening on every interface ("0.0.0.0" or "::") must be asked for.
+	// The interface to listen on: an IP address or a hostname. Default "127.0.0.1". Listening
+	// anywhere else without TLS or tokens (security.tokens_*) logs a warning at startup.
 	Host *string `protobuf:"bytes,1,opt,name=host,proto3,oneof" json:"host,omitempty"`
 	// The TCP port; 0 picks a free one. Default 50051.
 	Port *int32 `protobuf:"varint,2,opt,name=port,proto3,oneof" json:"port,omitempty"`
@@ -114,8 +123,19 @@ type ServerSettings struct {
 	// The largest response message, in bytes; a bigger one is refused with INVALID_ARGUMENT,
 	// saying why, rather than failing in the client. Default 4194304 (a default client's limit).
 	MaxResponseBytes *int32 `protobuf:"varint,5,opt,name=max_response_bytes,json=maxResponseBytes,proto3,oneof" json:"max_response_bytes,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// TLS on the gRPC port, mutual when client_ca_file is set. Off when unset. The files are read
+	// again on SIGHUP and when they change.
+	Tls *TlsSettings `protobuf:"bytes,6,opt,name=tls,proto3" json:"tls,omitempty"`
+	// The largest request message, in bytes; a bigger one is refused (RESOURCE_EXHAUSTED) before
+	// it is parsed. Default 8388608.
+	MaxRequestBytes *int32 `protobuf:"varint,7,opt,name=max_request_bytes,json=maxRequestBytes,proto3,oneof" json:"max_request_bytes,omitempty"`
+	// Generate streams one client may have open at once; more are RESOURCE_EXHAUSTED. A client
+	// is its bearer token when tokens are configured, else its address. Default 64.
+	MaxStreamsPerClient *int32 `protobuf:"varint,8,opt,name=max_streams_per_client,json=maxStreamsPerClient,proto3,oneof" json:"max_streams_per_client,omitempty"`
+	// Subscribe streams one client may have open at once. Default 4.
+	MaxSubscriptionsPerClient *int32 `protobuf:"varint,9,opt,name=max_subscriptions_per_client,json=maxSubscriptionsPerClient,proto3,oneof" json:"max_subscriptions_per_client,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
 }
 
 func (x *ServerSettings) Reset() {
@@ -179,6 +199,234 @@ func (x *ServerSettings) GetLogLevel() string {
 func (x *ServerSettings) GetMaxResponseBytes() int32 {
 	if x != nil && x.MaxResponseBytes != nil {
 		return *x.MaxResponseBytes
+	}
+	return 0
+}
+
+func (x *ServerSettings) GetTls() *TlsSettings {
+	if x != nil {
+		return x.Tls
+	}
+	return nil
+}
+
+func (x *ServerSettings) GetMaxRequestBytes() int32 {
+	if x != nil && x.MaxRequestBytes != nil {
+		return *x.MaxRequestBytes
+	}
+	return 0
+}
+
+func (x *ServerSettings) GetMaxStreamsPerClient() int32 {
+	if x != nil && x.MaxStreamsPerClient != nil {
+		return *x.MaxStreamsPerClient
+	}
+	return 0
+}
+
+func (x *ServerSettings) GetMaxSubscriptionsPerClient() int32 {
+	if x != nil && x.MaxSubscriptionsPerClient != nil {
+		return *x.MaxSubscriptionsPerClient
+	}
+	return 0
+}
+
+// TlsSettings are the server's certificate and key, and the CA its clients' certificates must
+// chain to (mutual TLS).
+type TlsSettings struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The server's certificate chain, PEM.
+	CertFile string `protobuf:"bytes,1,opt,name=cert_file,json=certFile,proto3" json:"cert_file,omitempty"`
+	// The server's private key, PEM.
+	KeyFile string `protobuf:"bytes,2,opt,name=key_file,json=keyFile,proto3" json:"key_file,omitempty"`
+	// The CA bundle (PEM) that clients' certificates must chain to; set, every client must
+	// present one (mutual TLS).
+	ClientCaFile  string `protobuf:"bytes,3,opt,name=client_ca_file,json=clientCaFile,proto3" json:"client_ca_file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TlsSettings) Reset() {
+	*x = TlsSettings{}
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TlsSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TlsSettings) ProtoMessage() {}
+
+func (x *TlsSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TlsSettings.ProtoReflect.Descriptor instead.
+func (*TlsSettings) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TlsSettings) GetCertFile() string {
+	if x != nil {
+		return x.CertFile
+	}
+	return ""
+}
+
+func (x *TlsSettings) GetKeyFile() string {
+	if x != nil {
+		return x.KeyFile
+	}
+	return ""
+}
+
+func (x *TlsSettings) GetClientCaFile() string {
+	if x != nil {
+		return x.ClientCaFile
+	}
+	return ""
+}
+
+// SecuritySettings say who may call the server and what LoadModel may load.
+type SecuritySettings struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A file of bearer tokens, one per line: "TOKEN" (every RPC) or "TOKEN generate" (Generate,
+	// Tokenize, Events and the read-only model RPCs; not LoadModel or UnloadModel). Blank lines
+	// and lines starting with "#" are skipped. Read again on SIGHUP and when it changes. With
+	// tokens (here or in tokens_env), every RPC needs "authorization: Bearer TOKEN" metadata.
+	TokensFile *string `protobuf:"bytes,1,opt,name=tokens_file,json=tokensFile,proto3,oneof" json:"tokens_file,omitempty"`
+	// The name of an environment variable holding tokens, comma-separated, in the same form.
+	TokensEnv *string `protobuf:"bytes,2,opt,name=tokens_env,json=tokensEnv,proto3,oneof" json:"tokens_env,omitempty"`
+	// Whether grpc.health.v1 and server reflection need a token too. Default false: probes and
+	// tools stay open.
+	ProtectHealth *bool `protobuf:"varint,3,opt,name=protect_health,json=protectHealth,proto3,oneof" json:"protect_health,omitempty"`
+	// Whether LoadModel and UnloadModel are served at all (models in `models` load either way).
+	// Default true.
+	AllowLoading *bool `protobuf:"varint,4,opt,name=allow_loading,json=allowLoading,proto3,oneof" json:"allow_loading,omitempty"`
+	// The directories LoadModel may read local models from (after resolving symlinks and ".."),
+	// and their subdirectories. Default: the Hugging Face cache and the built-in model's cache.
+	ModelRoots []string `protobuf:"bytes,5,rep,name=model_roots,json=modelRoots,proto3" json:"model_roots,omitempty"`
+	// Whether LoadModel may load Hugging Face repositories. Default true.
+	AllowHuggingFace *bool `protobuf:"varint,6,opt,name=allow_hugging_face,json=allowHuggingFace,proto3,oneof" json:"allow_hugging_face,omitempty"`
+	// When set, the only organisations (the part before "/") LoadModel may load from.
+	HuggingFaceOrganizations []string `protobuf:"bytes,7,rep,name=hugging_face_organizations,json=huggingFaceOrganizations,proto3" json:"hugging_face_organizations,omitempty"`
+	// Whether a model's own Python code (trust_remote_code) may run. Default false.
+	TrustRemoteCode *bool `protobuf:"varint,8,opt,name=trust_remote_code,json=trustRemoteCode,proto3,oneof" json:"trust_remote_code,omitempty"`
+	// Most models loaded at once; a load past it is RESOURCE_EXHAUSTED. Default 16.
+	MaxLoadedModels *int32 `protobuf:"varint,9,opt,name=max_loaded_models,json=maxLoadedModels,proto3,oneof" json:"max_loaded_models,omitempty"`
+	// Most bytes of weights loaded at once, all models together; a load that would pass it is
+	// RESOURCE_EXHAUSTED before its weights are read. 0: no cap. Default 0.
+	MaxLoadedBytes *int64 `protobuf:"varint,10,opt,name=max_loaded_bytes,json=maxLoadedBytes,proto3,oneof" json:"max_loaded_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SecuritySettings) Reset() {
+	*x = SecuritySettings{}
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SecuritySettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SecuritySettings) ProtoMessage() {}
+
+func (x *SecuritySettings) ProtoReflect() protoreflect.Message {
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SecuritySettings.ProtoReflect.Descriptor instead.
+func (*SecuritySettings) Descriptor() ([]byte, []int) {
+	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SecuritySettings) GetTokensFile() string {
+	if x != nil && x.TokensFile != nil {
+		return *x.TokensFile
+	}
+	return ""
+}
+
+func (x *SecuritySettings) GetTokensEnv() string {
+	if x != nil && x.TokensEnv != nil {
+		return *x.TokensEnv
+	}
+	return ""
+}
+
+func (x *SecuritySettings) GetProtectHealth() bool {
+	if x != nil && x.ProtectHealth != nil {
+		return *x.ProtectHealth
+	}
+	return false
+}
+
+func (x *SecuritySettings) GetAllowLoading() bool {
+	if x != nil && x.AllowLoading != nil {
+		return *x.AllowLoading
+	}
+	return false
+}
+
+func (x *SecuritySettings) GetModelRoots() []string {
+	if x != nil {
+		return x.ModelRoots
+	}
+	return nil
+}
+
+func (x *SecuritySettings) GetAllowHuggingFace() bool {
+	if x != nil && x.AllowHuggingFace != nil {
+		return *x.AllowHuggingFace
+	}
+	return false
+}
+
+func (x *SecuritySettings) GetHuggingFaceOrganizations() []string {
+	if x != nil {
+		return x.HuggingFaceOrganizations
+	}
+	return nil
+}
+
+func (x *SecuritySettings) GetTrustRemoteCode() bool {
+	if x != nil && x.TrustRemoteCode != nil {
+		return *x.TrustRemoteCode
+	}
+	return false
+}
+
+func (x *SecuritySettings) GetMaxLoadedModels() int32 {
+	if x != nil && x.MaxLoadedModels != nil {
+		return *x.MaxLoadedModels
+	}
+	return 0
+}
+
+func (x *SecuritySettings) GetMaxLoadedBytes() int64 {
+	if x != nil && x.MaxLoadedBytes != nil {
+		return *x.MaxLoadedBytes
 	}
 	return 0
 }
@@ -248,13 +496,29 @@ type EngineSettings struct {
 	// The largest constraint (JSON schema, regex, grammar, or all choices together), in bytes,
 	// that GenerateRequest accepts. Default 65536.
 	MaxConstraintBytes *int32 `protobuf:"varint,20,opt,name=max_constraint_bytes,json=maxConstraintBytes,proto3,oneof" json:"max_constraint_bytes,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The most prompt tokens a request may have (after truncate_prompt_tokens); more is
+	// INVALID_ARGUMENT. 0: the model's context only. Default 0.
+	MaxPromptTokens *int32 `protobuf:"varint,21,opt,name=max_prompt_tokens,json=maxPromptTokens,proto3,oneof" json:"max_prompt_tokens,omitempty"`
+	// The largest max_tokens a request may ask for; more is INVALID_ARGUMENT. Default 131072.
+	MaxGenerationTokens *int32 `protobuf:"varint,22,opt,name=max_generation_tokens,json=maxGenerationTokens,proto3,oneof" json:"max_generation_tokens,omitempty"`
+	// The most tokens one request may cost: its prompt plus n times max_tokens; more is
+	// INVALID_ARGUMENT. 0: no limit. Default 0.
+	MaxRequestTokens *int32 `protobuf:"varint,23,opt,name=max_request_tokens,json=maxRequestTokens,proto3,oneof" json:"max_request_tokens,omitempty"`
+	// The most stop strings a request may give (the contract allows 16). Default 16.
+	MaxStopStrings *int32 `protobuf:"varint,24,opt,name=max_stop_strings,json=maxStopStrings,proto3,oneof" json:"max_stop_strings,omitempty"`
+	// How many times in a row a dead or wedged engine process is restarted (its models loaded
+	// again) before the server gives up and exits with code 3. 0: never restart. Default 3.
+	MaxEngineRestarts *int32 `protobuf:"varint,25,opt,name=max_engine_restarts,json=maxEngineRestarts,proto3,oneof" json:"max_engine_restarts,omitempty"`
+	// The wait before the first restart, in seconds; doubled for each further one in a row.
+	// Default 1.
+	EngineRestartBackoffSeconds *float64 `protobuf:"fixed64,26,opt,name=engine_restart_backoff_seconds,json=engineRestartBackoffSeconds,proto3,oneof" json:"engine_restart_backoff_seconds,omitempty"`
+	unknownFields               protoimpl.UnknownFields
+	sizeCache                   protoimpl.SizeCache
 }
 
 func (x *EngineSettings) Reset() {
 	*x = EngineSettings{}
-	mi := &file_mlx_serving_v1_config_proto_msgTypes[2]
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -266,7 +530,7 @@ func (x *EngineSettings) String() string {
 func (*EngineSettings) ProtoMessage() {}
 
 func (x *EngineSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_config_proto_msgTypes[2]
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -279,7 +543,7 @@ func (x *EngineSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EngineSettings.ProtoReflect.Descriptor instead.
 func (*EngineSettings) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{2}
+	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *EngineSettings) GetMaxBatchSize() int32 {
@@ -422,6 +686,48 @@ func (x *EngineSettings) GetMaxConstraintBytes() int32 {
 	return 0
 }
 
+func (x *EngineSettings) GetMaxPromptTokens() int32 {
+	if x != nil && x.MaxPromptTokens != nil {
+		return *x.MaxPromptTokens
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetMaxGenerationTokens() int32 {
+	if x != nil && x.MaxGenerationTokens != nil {
+		return *x.MaxGenerationTokens
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetMaxRequestTokens() int32 {
+	if x != nil && x.MaxRequestTokens != nil {
+		return *x.MaxRequestTokens
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetMaxStopStrings() int32 {
+	if x != nil && x.MaxStopStrings != nil {
+		return *x.MaxStopStrings
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetMaxEngineRestarts() int32 {
+	if x != nil && x.MaxEngineRestarts != nil {
+		return *x.MaxEngineRestarts
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetEngineRestartBackoffSeconds() float64 {
+	if x != nil && x.EngineRestartBackoffSeconds != nil {
+		return *x.EngineRestartBackoffSeconds
+	}
+	return 0
+}
+
 // TelemetrySettings configures metrics (a Prometheus endpoint) and trace export (OTLP).
 type TelemetrySettings struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -447,7 +753,7 @@ type TelemetrySettings struct {
 
 func (x *TelemetrySettings) Reset() {
 	*x = TelemetrySettings{}
-	mi := &file_mlx_serving_v1_config_proto_msgTypes[3]
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -459,7 +765,7 @@ func (x *TelemetrySettings) String() string {
 func (*TelemetrySettings) ProtoMessage() {}
 
 func (x *TelemetrySettings) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_config_proto_msgTypes[3]
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -472,7 +778,7 @@ func (x *TelemetrySettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetrySettings.ProtoReflect.Descriptor instead.
 func (*TelemetrySettings) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{3}
+	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TelemetrySettings) GetEnabled() bool {
@@ -531,7 +837,7 @@ type ModelSpec struct {
 
 func (x *ModelSpec) Reset() {
 	*x = ModelSpec{}
-	mi := &file_mlx_serving_v1_config_proto_msgTypes[4]
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -543,7 +849,7 @@ func (x *ModelSpec) String() string {
 func (*ModelSpec) ProtoMessage() {}
 
 func (x *ModelSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_mlx_serving_v1_config_proto_msgTypes[4]
+	mi := &file_mlx_serving_v1_config_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -556,7 +862,7 @@ func (x *ModelSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelSpec.ProtoReflect.Descriptor instead.
 func (*ModelSpec) Descriptor() ([]byte, []int) {
-	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{4}
+	return file_mlx_serving_v1_config_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ModelSpec) GetModelId() string {
@@ -577,25 +883,66 @@ var File_mlx_serving_v1_config_proto protoreflect.FileDescriptor
 
 const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\n" +
-	"\x1bmlx_serving/v1/config.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\x1a\"mlx_serving/v1/model_service.proto\"\xf6\x01\n" +
+	"\x1bmlx_serving/v1/config.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\x1a\"mlx_serving/v1/model_service.proto\"\xb4\x02\n" +
 	"\x06Config\x126\n" +
 	"\x06server\x18\x01 \x01(\v2\x1e.mlx_serving.v1.ServerSettingsR\x06server\x126\n" +
 	"\x06engine\x18\x02 \x01(\v2\x1e.mlx_serving.v1.EngineSettingsR\x06engine\x12?\n" +
 	"\ttelemetry\x18\x03 \x01(\v2!.mlx_serving.v1.TelemetrySettingsR\ttelemetry\x12;\n" +
-	"\x06models\x18\x04 \x03(\v2\x19.mlx_serving.v1.ModelSpecB\b\xbaH\x05\x92\x01\x02\x10@R\x06models\"\x89\x03\n" +
+	"\x06models\x18\x04 \x03(\v2\x19.mlx_serving.v1.ModelSpecB\b\xbaH\x05\x92\x01\x02\x10@R\x06models\x12<\n" +
+	"\bsecurity\x18\x05 \x01(\v2 .mlx_serving.v1.SecuritySettingsR\bsecurity\"\xe5\x05\n" +
 	"\x0eServerSettings\x12!\n" +
 	"\x04host\x18\x01 \x01(\tB\b\xbaH\x05r\x03\xa8\x01\x01H\x00R\x04host\x88\x01\x01\x12$\n" +
 	"\x04port\x18\x02 \x01(\x05B\v\xbaH\b\x1a\x06\x18\xff\xff\x03(\x00H\x01R\x04port\x88\x01\x01\x12R\n" +
 	"\x16shutdown_grace_seconds\x18\x03 \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00 \xac@)\x00\x00\x00\x00\x00\x00\x00\x00H\x02R\x14shutdownGraceSeconds\x88\x01\x01\x12D\n" +
 	"\tlog_level\x18\x04 \x01(\tB\"\xbaH\x1fr\x1dR\x05debugR\x04infoR\awarningR\x05errorH\x03R\blogLevel\x88\x01\x01\x12B\n" +
 	"\x12max_response_bytes\x18\x05 \x01(\x05B\x0f\xbaH\f\x1a\n" +
-	"\x18\x80\x80\x80\x80\x04(\x80\x80\x04H\x04R\x10maxResponseBytes\x88\x01\x01B\a\n" +
+	"\x18\x80\x80\x80\x80\x04(\x80\x80\x04H\x04R\x10maxResponseBytes\x88\x01\x01\x12-\n" +
+	"\x03tls\x18\x06 \x01(\v2\x1b.mlx_serving.v1.TlsSettingsR\x03tls\x12@\n" +
+	"\x11max_request_bytes\x18\a \x01(\x05B\x0f\xbaH\f\x1a\n" +
+	"\x18\x80\x80\x80\x80\x04(\x80\x80\x04H\x05R\x0fmaxRequestBytes\x88\x01\x01\x12E\n" +
+	"\x16max_streams_per_client\x18\b \x01(\x05B\v\xbaH\b\x1a\x06\x18\xa0\x8d\x06(\x01H\x06R\x13maxStreamsPerClient\x88\x01\x01\x12P\n" +
+	"\x1cmax_subscriptions_per_client\x18\t \x01(\x05B\n" +
+	"\xbaH\a\x1a\x05\x18\x90N(\x01H\aR\x19maxSubscriptionsPerClient\x88\x01\x01B\a\n" +
 	"\x05_hostB\a\n" +
 	"\x05_portB\x19\n" +
 	"\x17_shutdown_grace_secondsB\f\n" +
 	"\n" +
 	"_log_levelB\x15\n" +
-	"\x13_max_response_bytes\"\xe0\x0e\n" +
+	"\x13_max_response_bytesB\x14\n" +
+	"\x12_max_request_bytesB\x19\n" +
+	"\x17_max_streams_per_clientB\x1f\n" +
+	"\x1d_max_subscriptions_per_client\"\x8d\x01\n" +
+	"\vTlsSettings\x12'\n" +
+	"\tcert_file\x18\x01 \x01(\tB\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80 R\bcertFile\x12%\n" +
+	"\bkey_file\x18\x02 \x01(\tB\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80 R\akeyFile\x12.\n" +
+	"\x0eclient_ca_file\x18\x03 \x01(\tB\b\xbaH\x05r\x03\x18\x80 R\fclientCaFile\"\xe2\x05\n" +
+	"\x10SecuritySettings\x120\n" +
+	"\vtokens_file\x18\x01 \x01(\tB\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80 H\x00R\n" +
+	"tokensFile\x88\x01\x01\x12C\n" +
+	"\n" +
+	"tokens_env\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a2\x18^[A-Za-z_][A-Za-z0-9_]*$H\x01R\ttokensEnv\x88\x01\x01\x12*\n" +
+	"\x0eprotect_health\x18\x03 \x01(\bH\x02R\rprotectHealth\x88\x01\x01\x12(\n" +
+	"\rallow_loading\x18\x04 \x01(\bH\x03R\fallowLoading\x88\x01\x01\x122\n" +
+	"\vmodel_roots\x18\x05 \x03(\tB\x11\xbaH\x0e\x92\x01\v\x10@\"\ar\x05\x10\x01\x18\x80 R\n" +
+	"modelRoots\x121\n" +
+	"\x12allow_hugging_face\x18\x06 \x01(\bH\x04R\x10allowHuggingFace\x88\x01\x01\x12O\n" +
+	"\x1ahugging_face_organizations\x18\a \x03(\tB\x11\xbaH\x0e\x92\x01\v\x10\x80\x02\"\x06r\x04\x10\x01\x18`R\x18huggingFaceOrganizations\x12/\n" +
+	"\x11trust_remote_code\x18\b \x01(\bH\x05R\x0ftrustRemoteCode\x88\x01\x01\x12;\n" +
+	"\x11max_loaded_models\x18\t \x01(\x05B\n" +
+	"\xbaH\a\x1a\x05\x18\x80\b(\x01H\x06R\x0fmaxLoadedModels\x88\x01\x01\x12?\n" +
+	"\x10max_loaded_bytes\x18\n" +
+	" \x01(\x03B\x10\xbaH\r\"\v\x18\x80\x80\x80\x80\x80\x80\xfa\x01(\x00H\aR\x0emaxLoadedBytes\x88\x01\x01B\x0e\n" +
+	"\f_tokens_fileB\r\n" +
+	"\v_tokens_envB\x11\n" +
+	"\x0f_protect_healthB\x10\n" +
+	"\x0e_allow_loadingB\x15\n" +
+	"\x13_allow_hugging_faceB\x14\n" +
+	"\x12_trust_remote_codeB\x14\n" +
+	"\x12_max_loaded_modelsB\x13\n" +
+	"\x11_max_loaded_bytes\"\x9c\x13\n" +
 	"\x0eEngineSettings\x125\n" +
 	"\x0emax_batch_size\x18\x01 \x01(\x05B\n" +
 	"\xbaH\a\x1a\x05\x18\x80\b(\x01H\x00R\fmaxBatchSize\x88\x01\x01\x12@\n" +
@@ -622,7 +969,14 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x1dchat_template_timeout_seconds\x18\x11 \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00 \xac@!\x00\x00\x00\x00\x00\x00\x00\x00H\x10R\x1achatTemplateTimeoutSeconds\x88\x01\x01\x12H\n" +
 	"\x17max_concurrent_tokenize\x18\x12 \x01(\x05B\v\xbaH\b\x1a\x06\x18\xa0\x8d\x06(\x01H\x11R\x15maxConcurrentTokenize\x88\x01\x01\x12?\n" +
 	"\x12max_tokenize_bytes\x18\x13 \x01(\x05B\f\xbaH\t\x1a\a\x18\x80\x80\x80\x02(\x01H\x12R\x10maxTokenizeBytes\x88\x01\x01\x12B\n" +
-	"\x14max_constraint_bytes\x18\x14 \x01(\x05B\v\xbaH\b\x1a\x06\x18\x80\x80@(\x01H\x13R\x12maxConstraintBytes\x88\x01\x01B\x11\n" +
+	"\x14max_constraint_bytes\x18\x14 \x01(\x05B\v\xbaH\b\x1a\x06\x18\x80\x80@(\x01H\x13R\x12maxConstraintBytes\x88\x01\x01\x12=\n" +
+	"\x11max_prompt_tokens\x18\x15 \x01(\x05B\f\xbaH\t\x1a\a\x18\x80\x80\x80\b(\x00H\x14R\x0fmaxPromptTokens\x88\x01\x01\x12E\n" +
+	"\x15max_generation_tokens\x18\x16 \x01(\x05B\f\xbaH\t\x1a\a\x18\x80\x80\x80\b(\x01H\x15R\x13maxGenerationTokens\x88\x01\x01\x12@\n" +
+	"\x12max_request_tokens\x18\x17 \x01(\x05B\r\xbaH\n" +
+	"\x1a\b\x18\x80\x80\x80\x80\x04(\x00H\x16R\x10maxRequestTokens\x88\x01\x01\x128\n" +
+	"\x10max_stop_strings\x18\x18 \x01(\x05B\t\xbaH\x06\x1a\x04\x18\x10(\x00H\x17R\x0emaxStopStrings\x88\x01\x01\x12>\n" +
+	"\x13max_engine_restarts\x18\x19 \x01(\x05B\t\xbaH\x06\x1a\x04\x18d(\x00H\x18R\x11maxEngineRestarts\x88\x01\x01\x12a\n" +
+	"\x1eengine_restart_backoff_seconds\x18\x1a \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\xc0\x82@)\x00\x00\x00\x00\x00\x00\x00\x00H\x19R\x1bengineRestartBackoffSeconds\x88\x01\x01B\x11\n" +
 	"\x0f_max_batch_sizeB\x16\n" +
 	"\x14_max_queued_requestsB\x15\n" +
 	"\x13_prefill_batch_sizeB\x14\n" +
@@ -642,7 +996,13 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x1e_chat_template_timeout_secondsB\x1a\n" +
 	"\x18_max_concurrent_tokenizeB\x15\n" +
 	"\x13_max_tokenize_bytesB\x17\n" +
-	"\x15_max_constraint_bytes\"\xb2\x04\n" +
+	"\x15_max_constraint_bytesB\x14\n" +
+	"\x12_max_prompt_tokensB\x18\n" +
+	"\x16_max_generation_tokensB\x15\n" +
+	"\x13_max_request_tokensB\x13\n" +
+	"\x11_max_stop_stringsB\x16\n" +
+	"\x14_max_engine_restartsB!\n" +
+	"\x1f_engine_restart_backoff_seconds\"\xb2\x04\n" +
 	"\x11TelemetrySettings\x12%\n" +
 	"\aenabled\x18\x01 \x01(\bB\x06\xbaH\x03\xc8\x01\x01H\x00R\aenabled\x88\x01\x01\x12\xaf\x01\n" +
 	"\fservice_name\x18\x02 \x01(\tB\x86\x01\xbaH\x82\x01\xba\x01\x7f\n" +
@@ -674,26 +1034,30 @@ func file_mlx_serving_v1_config_proto_rawDescGZIP() []byte {
 	return file_mlx_serving_v1_config_proto_rawDescData
 }
 
-var file_mlx_serving_v1_config_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_mlx_serving_v1_config_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_mlx_serving_v1_config_proto_goTypes = []any{
 	(*Config)(nil),            // 0: mlx_serving.v1.Config
 	(*ServerSettings)(nil),    // 1: mlx_serving.v1.ServerSettings
-	(*EngineSettings)(nil),    // 2: mlx_serving.v1.EngineSettings
-	(*TelemetrySettings)(nil), // 3: mlx_serving.v1.TelemetrySettings
-	(*ModelSpec)(nil),         // 4: mlx_serving.v1.ModelSpec
-	(*ModelSource)(nil),       // 5: mlx_serving.v1.ModelSource
+	(*TlsSettings)(nil),       // 2: mlx_serving.v1.TlsSettings
+	(*SecuritySettings)(nil),  // 3: mlx_serving.v1.SecuritySettings
+	(*EngineSettings)(nil),    // 4: mlx_serving.v1.EngineSettings
+	(*TelemetrySettings)(nil), // 5: mlx_serving.v1.TelemetrySettings
+	(*ModelSpec)(nil),         // 6: mlx_serving.v1.ModelSpec
+	(*ModelSource)(nil),       // 7: mlx_serving.v1.ModelSource
 }
 var file_mlx_serving_v1_config_proto_depIdxs = []int32{
 	1, // 0: mlx_serving.v1.Config.server:type_name -> mlx_serving.v1.ServerSettings
-	2, // 1: mlx_serving.v1.Config.engine:type_name -> mlx_serving.v1.EngineSettings
-	3, // 2: mlx_serving.v1.Config.telemetry:type_name -> mlx_serving.v1.TelemetrySettings
-	4, // 3: mlx_serving.v1.Config.models:type_name -> mlx_serving.v1.ModelSpec
-	5, // 4: mlx_serving.v1.ModelSpec.source:type_name -> mlx_serving.v1.ModelSource
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	4, // 1: mlx_serving.v1.Config.engine:type_name -> mlx_serving.v1.EngineSettings
+	5, // 2: mlx_serving.v1.Config.telemetry:type_name -> mlx_serving.v1.TelemetrySettings
+	6, // 3: mlx_serving.v1.Config.models:type_name -> mlx_serving.v1.ModelSpec
+	3, // 4: mlx_serving.v1.Config.security:type_name -> mlx_serving.v1.SecuritySettings
+	2, // 5: mlx_serving.v1.ServerSettings.tls:type_name -> mlx_serving.v1.TlsSettings
+	7, // 6: mlx_serving.v1.ModelSpec.source:type_name -> mlx_serving.v1.ModelSource
+	7, // [7:7] is the sub-list for method output_type
+	7, // [7:7] is the sub-list for method input_type
+	7, // [7:7] is the sub-list for extension type_name
+	7, // [7:7] is the sub-list for extension extendee
+	0, // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_mlx_serving_v1_config_proto_init() }
@@ -703,15 +1067,16 @@ func file_mlx_serving_v1_config_proto_init() {
 	}
 	file_mlx_serving_v1_model_service_proto_init()
 	file_mlx_serving_v1_config_proto_msgTypes[1].OneofWrappers = []any{}
-	file_mlx_serving_v1_config_proto_msgTypes[2].OneofWrappers = []any{}
 	file_mlx_serving_v1_config_proto_msgTypes[3].OneofWrappers = []any{}
+	file_mlx_serving_v1_config_proto_msgTypes[4].OneofWrappers = []any{}
+	file_mlx_serving_v1_config_proto_msgTypes[5].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mlx_serving_v1_config_proto_rawDesc), len(file_mlx_serving_v1_config_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
