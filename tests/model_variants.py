@@ -80,3 +80,26 @@ def model_without_chat_template(source: Path, target: Path) -> Path:
     for extra in target.glob("chat_template.*"):
         extra.unlink()
     return target
+
+
+def with_weights_header(source: Path, target: Path, change) -> Path:
+    """A copy of the test model whose model.safetensors header is `change(header)` (a dict,
+    changed in place), its data left as it was: a header that lies about the bytes after it."""
+    shutil.copytree(source, target)
+    path = target / "model.safetensors"
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    return target
+
+
+def with_weights_bytes(source: Path, target: Path, change) -> Path:
+    """A copy of the test model whose model.safetensors is `change(its bytes)`: cut short,
+    or with another header length."""
+    shutil.copytree(source, target)
+    path = target / "model.safetensors"
+    path.write_bytes(change(path.read_bytes()))
+    return target

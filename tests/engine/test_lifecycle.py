@@ -71,7 +71,9 @@ async def test_load_list_unload(engine, model_path):
     assert info.parameter_count > 1_000_000
     assert info.has_chat_template and info.vocab_size > 0 and info.dtype == "float32"
     with pytest.raises(ModelAlreadyExists):
-        await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
+        await engine.load_model(ModelSource(repo_id="acme/other"), MODEL_ID)
+    # The same source under the same id is the model there.
+    assert await engine.load_model(ModelSource(local_path=str(model_path))) == info
     assert [m.model_id for m in engine.list_models()] == [MODEL_ID, model_path.name]
     await engine.unload_model(model_path.name)
     with pytest.raises(ModelNotFound):
@@ -156,7 +158,30 @@ async def test_token_events_cost_nothing_without_a_token_subscriber(engine):
     await everything.aclose()
 
 
-async def test_a_dead_engine_thread_ends_streams_and_says_so(engine):
+async def test_a_dead_engine_thread_ends_streams_and_says_so(model_path):
+    engine = Engine(EngineConfig(max_engine_restarts=0))
+    await engine.start()
+    try:
+        await engine.load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
+        stream = engine.generate(LONG)
+        await anext(stream)
+
+        await probe(engine, break_loop)
+        with pytest.raises(EngineUnavailable):
+            async for _ in stream:
+                pass
+        await asyncio.wait_for(engine.wait_stopped(), 1)
+        assert not engine.alive and engine.gave_up
+        with pytest.raises(EngineUnavailable):
+            await anext(engine.generate(LONG))
+    finally:
+        await engine.shutdown(0)
+
+
+async def test_a_dead_engine_thread_is_restarted_with_its_models(engine):
+    request = GenerationRequest(MODEL_ID, text="Hello", max_tokens=6, sampling=SamplingParams(0))
+    before = [t async for c in engine.generate(request) for t in c.token_ids]
+    pid = engine.process_id
     stream = engine.generate(LONG)
     await anext(stream)
 
@@ -164,10 +189,15 @@ async def test_a_dead_engine_thread_ends_streams_and_says_so(engine):
     with pytest.raises(EngineUnavailable):
         async for _ in stream:
             pass
-    await asyncio.wait_for(engine.wait_stopped(), 1)
     assert not engine.alive
-    with pytest.raises(EngineUnavailable):
+    with pytest.raises(EngineUnavailable) as refused:
         await anext(engine.generate(LONG))
+    assert getattr(refused.value, "retry_after", 0) > 0  # worth retrying
+    while not engine.alive:
+        await asyncio.wait_for(engine.wait_state_change(), 30)
+    assert engine.process_id != pid and not engine.gave_up
+    assert engine.get_model(MODEL_ID).state is ModelState.READY
+    assert [t async for c in engine.generate(request) for t in c.token_ids] == before
 
 
 async def test_shutdown_lets_streams_finish_within_the_grace_period(engine):

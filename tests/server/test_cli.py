@@ -246,3 +246,11 @@ def test_serve_with_telemetry_exposes_metrics_on_its_own_port(model_path, tmp_pa
         assert 'mlx_serving_generated_tokens_total{model="tiny"} 3.0' in exposition
     finally:
         stop_server(process, log)
+
+
+def test_listening_beyond_loopback_without_tls_or_tokens_warns(model_path, tmp_path):
+    log = tmp_path / "server.log"
+    process, _ = start_server(["--host", "0.0.0.0", "--model", f"tiny={model_path}"], log)
+    stop_server(process, log)
+    assert "WARNING" in log.read_text()
+    assert "listening on 0.0.0.0 without TLS or tokens" in log.read_text()

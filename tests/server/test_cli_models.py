@@ -47,7 +47,11 @@ def cached_server(model_path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     hf_home = tmp_path_factory.mktemp("hf-home")
     cache_model(hf_home, "acme/tiny-hf", model_path)
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    process, address = start_server(["--model", "acme/tiny-hf"], log, **offline_hub(hf_home))
+    # LoadModel reads local models from the test's directories only.
+    roots = {"MLX_SERVING_SECURITY_MODEL_ROOTS": str(tmp_path_factory.getbasetemp())}
+    process, address = start_server(
+        ["--model", "acme/tiny-hf"], log, **offline_hub(hf_home), **roots
+    )
     yield address, log
     stop_server(process, log)
 

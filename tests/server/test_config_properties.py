@@ -96,12 +96,15 @@ repo = model_pb.HuggingFaceRepo.DESCRIPTOR.fields_by_name
 repo_ids = st.from_regex(pattern(repo["repo_id"]).strip("^$"), fullmatch=True).filter(
     lambda text: len(text) <= 200
 )
+revisions = st.from_regex(pattern(repo["revision"]).strip("^$"), fullmatch=True).filter(
+    lambda text: len(text) <= 200
+)
 sources = st.one_of(
     st.fixed_dictionaries({"local_path": any_text.filter(bool)}),
     st.fixed_dictionaries(
         {
             "hugging_face": st.fixed_dictionaries(
-                {"repo_id": repo_ids}, optional={"revision": any_text}
+                {"repo_id": repo_ids}, optional={"revision": revisions}
             )
         }
     ),

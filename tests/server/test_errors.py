@@ -105,8 +105,9 @@ async def test_an_unknown_model_is_model_not_found_with_its_resource(models, gen
         assert "absent" in error.details()
 
 
-async def test_loading_an_id_twice_is_model_already_loaded(models, model_path):
-    request = model_pb.LoadModelRequest(model_id=MODEL_ID, source=local(model_path))
+async def test_loading_an_id_twice_is_model_already_loaded(models, tmp_path):
+    # From another source: the same one again is the model there, not an error.
+    request = model_pb.LoadModelRequest(model_id=MODEL_ID, source=local(tmp_path))
     error = await rpc_error(models.LoadModel(request))
     assert_error(error, Code.ALREADY_EXISTS, Reason.MODEL_ALREADY_LOADED, model_id=MODEL_ID)
     assert resource(error) == ("model", MODEL_ID)
@@ -328,7 +329,7 @@ async def test_an_unloaded_model_aborts_its_streams_after_a_cancelled_message(
 
 
 async def test_a_dead_engine_is_engine_unavailable(fresh_server):
-    app = await fresh_server()
+    app = await fresh_server(EngineConfig(max_engine_restarts=0))  # dead stays dead
     async with grpc.aio.insecure_channel(app.address) as channel:
         generate = generate_grpc.GenerateServiceStub(channel)
         stream = generate.Generate(long_request())

@@ -332,7 +332,7 @@ async def test_unload_ends_streams_with_a_cancelled_message_then_unavailable(
 async def test_runtime_status_after_a_dead_engine_counts_no_models(fresh_server):
     from engine_probes import break_loop
 
-    app = await fresh_server()
+    app = await fresh_server(EngineConfig(max_engine_restarts=0))  # dead stays dead
     async with grpc.aio.insecure_channel(app.address) as channel:
         call = events_grpc.EventsServiceStub(channel).Subscribe(
             events_pb.SubscribeRequest(types=[events_pb.EVENT_TYPE_RUNTIME_STATUS])

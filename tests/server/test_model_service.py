@@ -68,11 +68,16 @@ async def test_an_empty_model_id_is_derived_from_the_directory(models, model_pat
     await models.UnloadModel(model_pb.UnloadModelRequest(model_id=DEFAULT_MODEL_NAME))
 
 
-async def test_loading_a_loaded_model_id_is_already_exists(models, model_path):
-    request = model_pb.LoadModelRequest(model_id=MODEL_ID, source=local(model_path))
+async def test_loading_a_loaded_model_id_from_another_source_is_already_exists(
+    models, model_path, tmp_path
+):
+    request = model_pb.LoadModelRequest(model_id=MODEL_ID, source=local(tmp_path))
     error = await rpc_error(models.LoadModel(request))
     assert error.code() is grpc.StatusCode.ALREADY_EXISTS
     assert MODEL_ID in error.details()
+    # From its own source it is the model there (tests/server/test_model_security.py).
+    same = model_pb.LoadModelRequest(model_id=MODEL_ID, source=local(model_path))
+    assert (await models.LoadModel(same)).model.model_id == MODEL_ID
 
 
 async def test_loading_a_missing_directory_is_not_found_and_keeps_nothing(models, tmp_path):

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .config import EngineConfig
 from .errors import FieldViolation, InvalidRequest
 from .models import ModelInfo
 from .requests import TOOL_CHOICE_NONE, ChatMessage, GenerationRequest, SamplingParams, Tool
@@ -162,14 +163,35 @@ def check_text_size(text: str, field: str, context_length: int, max_token_bytes:
         )
 
 
+def check_limits(request: GenerationRequest, config: EngineConfig) -> None:
+    """The server's own limits that need no prompt: checked before any work."""
+    violations = []
+    if request.max_tokens > config.max_generation_tokens:
+        limit = config.max_generation_tokens
+        violations.append(FieldViolation("max_tokens", f"over this server's {limit}"))
+    if len(request.stop) > config.max_stop_strings:
+        limit = config.max_stop_strings
+        violations.append(FieldViolation("stop", f"more than this server's {limit} strings"))
+    raise_violations(violations)
+
+
 def admit(
-    info: ModelInfo, request: GenerationRequest, prompt: list[int], context_length: int
+    info: ModelInfo,
+    request: GenerationRequest,
+    prompt: list[int],
+    context_length: int,
+    config: EngineConfig | None = None,
 ) -> Admission:
-    """Check `prompt` and the request's token ids against the model; `context_length` is the
-    model's own or, when it states none, the configured ceiling."""
+    """Check `prompt` and the request's token ids against the model (and, given `config`,
+    the server's limits); `context_length` is the model's own or, when it states none, the
+    configured ceiling."""
     check_request_tokens(request, prompt, info.vocab_size)
     if request.truncate_prompt_tokens is not None:
         prompt = prompt[-request.truncate_prompt_tokens :]
+    if config is not None and 0 < config.max_prompt_tokens < len(prompt):
+        description = f"the prompt has {len(prompt)} tokens, over this server's limit of "
+        description += str(config.max_prompt_tokens)
+        raise InvalidRequest(FieldViolation(prompt_field(request), description))
     room = context_length - len(prompt)
     if room <= 0:
         raise InvalidRequest(
@@ -179,6 +201,11 @@ def admit(
             )
         )
     max_tokens = min(request.max_tokens, room)
+    cost = len(prompt) + request.n * max_tokens
+    if config is not None and 0 < config.max_request_tokens < cost:
+        description = f"the prompt and n x max_tokens make {cost} tokens, over this server's "
+        description += f"limit of {config.max_request_tokens}"
+        raise InvalidRequest(FieldViolation("max_tokens", description))
     request = replace(request, sampling=normalize_sampling(request.sampling, info.vocab_size))
     if request.sampling.seed is None:  # drawn here, so the caller can be told it
         request = replace(request, sampling=replace(request.sampling, seed=secrets.randbits(63)))

@@ -265,6 +265,8 @@ class MaskBatch:
         allowed = unpack_bits(mx.array(bitmask), logprobs.shape[-1])
         for i, row in enumerate(live):
             row.mask = allowed[i : i + 1]
+            if row.matcher.is_error():  # such as a grammar past the parser's limits
+                row.fail()
 
     def discard(self, row: "ConstrainedRow") -> None:
         self.active.pop(row, None)
@@ -291,8 +293,11 @@ class ConstrainedRow:
         sampler: Callable,
         matcher_vocab: int,
         banned_tokens: bool = False,
+        field: str = "constraint",
     ):
         self.matcher = matcher
+        # The request field the constraint came from, named when it cannot be followed.
+        self.field = field
         self.batch = batch
         self.sampler = sampler
         self.matcher_vocab = matcher_vocab
@@ -305,10 +310,17 @@ class ConstrainedRow:
         self.error: Exception | None = None
 
     def consume(self, token: int) -> None:
+        if self.matcher.is_stopped():  # complete: what follows its EOS is never shown
+            return
         if not self.matcher.consume_token(token) or self.matcher.is_error():
-            self.error = RuntimeError(
-                f"the constraint refused token {token}: {self.matcher.get_error()}"
-            )
+            self.fail()
+
+    def fail(self) -> None:
+        """The matcher gave up (a grammar past llguidance's parser limits): the request's
+        constraint cannot be followed, which is the caller's to change."""
+        error = self.matcher.get_error() or "the matcher stopped"
+        reason = first_line(error.split("<state>")[0])  # not llguidance's state dump
+        self.error = InvalidRequest(FieldViolation(self.field, f"cannot be followed: {reason}"))
 
     def sample(self, logprobs: mx.array) -> mx.array:
         if self.filled != self.batch.step:
@@ -321,7 +333,12 @@ class ConstrainedRow:
             logprobs = mx.maximum(logprobs, BANNED_FLOOR)
         # Unnormalised is fine: the samplers (categorical, top-p by the total mass, min-p and
         # top-k relative to the best) and argmax need no normalising.
-        self.last = self.sampler(mx.where(mask, logprobs, -mx.inf))
+        token = self.sampler(mx.where(mask, logprobs, -mx.inf))
+        # Logits that overflowed (a temperature or penalty at the float limits) can make any
+        # sampler pick a masked token: then the likeliest allowed one is taken instead.
+        allowed = mx.take_along_axis(mask, token.reshape(-1, 1), axis=-1).reshape(-1)
+        best = mx.argmax(mx.where(mask, mx.nan_to_num(logprobs), -mx.inf), axis=-1)
+        self.last = mx.where(allowed, token, best.astype(token.dtype))
         return self.last
 
     def incomplete(self, last_token: int) -> bool:

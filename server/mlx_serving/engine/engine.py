@@ -23,7 +23,7 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .admission import Admission, admit, check_token_ids
+from .admission import Admission, admit, check_limits, check_token_ids
 from .config import EngineConfig, mlx_environment
 from .constraints import check_constraint, tool_call_constraint
 from .errors import (
@@ -31,6 +31,9 @@ from .errors import (
     EngineUnavailable,
     FieldViolation,
     InvalidRequest,
+    LoadCapReached,
+    LoadingDisabled,
+    LoadRefused,
     ModelAlreadyExists,
     ModelLoadFailed,
     ModelNotFound,
@@ -44,10 +47,11 @@ from .events import (
     Event,
     EventBus,
     ModelInvalidated,
+    ModelUnloaded,
     RuntimeStatus,
     Subscription,
 )
-from .models import ModelInfo, ModelSource, ModelState
+from .models import LoadPolicy, ModelInfo, ModelSource, ModelState
 from .observer import EngineObserver, replay
 from .prompts import Prompts, Tokenized, TokenizeOptions
 from .protocol import (
@@ -77,6 +81,7 @@ from .requests import (
     ToolCall,
     Usage,
 )
+from .sources import check_source_allowed, vet_model
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,12 @@ T = TypeVar("T")
 
 # tool_choice values that leave the output free (the others force a call).
 FREE_TOOL_CHOICES = frozenset({TOOL_CHOICE_AUTO, TOOL_CHOICE_NONE})
+
+# A restarted engine that has served this long has recovered: its next failure starts a new
+# run of restarts (engine.max_engine_restarts counts failures in a row).
+RECOVERED_SECONDS = 60.0
+# How long to wait for a killed or exited engine process to be gone.
+REAP_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -100,9 +111,17 @@ class Ticket:
 
 class Engine:
     def __init__(
-        self, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None
+        self,
+        config: EngineConfig = EngineConfig(),
+        observer: EngineObserver | None = None,
+        policy: LoadPolicy | None = None,
     ):
         self.config = config
+        # What a client's LoadModel may load (load_model's `requested`); by default anything
+        # but a model's own code.
+        self.policy = policy or LoadPolicy()
+        # The loads in flight by model id: an identical LoadModel awaits the one running.
+        self._loads: dict[str, asyncio.Future] = {}
         self._observer = observer or EngineObserver()
         self.events = EventBus()
         self._infos: dict[str, ModelInfo] = {}
@@ -128,32 +147,60 @@ class Engine:
         self._tickets: dict[int, Ticket] = {}
         self._token_events = False
         self._watchdog: asyncio.Task | None = None
+        # Restarts (see _fail): which process is current, so that a dead one's late replies
+        # reach no one; the failures in a row; the models a restart loads again.
+        self._generation = 0
+        self._failures = 0
+        self._serving_since = 0.0
+        self._restarting = False
+        self._gave_up = False
+        self._restoring: list[ModelInfo] = []
+        self._restarter: asyncio.Task | None = None
+        self._state_changed = asyncio.Event()
 
     # ---- life cycle (event loop side) -------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        await self._spawn()
+        self._running = True
+        self._serving_since = time.monotonic()
+        self._post(Observe(self._records(self._observer)))
+
+    async def _spawn(self) -> None:
+        """Start an engine process with pipes, threads and a watchdog of its own."""
         commands_out, commands_in = PROCESS_CONTEXT.Pipe(duplex=False)
         results_out, results_in = PROCESS_CONTEXT.Pipe(duplex=False)
-        self._heartbeat = PROCESS_CONTEXT.Value("d", 0.0, lock=False)
-        self._process = PROCESS_CONTEXT.Process(
+        heartbeat = PROCESS_CONTEXT.Value("d", 0.0, lock=False)
+        process = PROCESS_CONTEXT.Process(
             target=run_engine_process,
-            args=(self.config, commands_out, results_in, self._heartbeat, log.getEffectiveLevel()),
+            args=(self.config, commands_out, results_in, heartbeat, log.getEffectiveLevel()),
             name="mlx-engine",
             daemon=True,
         )
+        # Set before the start, so that a shutdown that cancels a restart finds them to close.
+        self._process, self._heartbeat = process, heartbeat
+        self._commands, self._results = commands_in, results_out
         with environment(mlx_environment(self.config)):
-            await asyncio.to_thread(self._process.start)
+            await start_process(process)
+        log.info("engine process started (pid %d)", process.pid)
         commands_out.close()
         results_in.close()
-        self._commands, self._results = commands_in, results_out
-        self._running = True
-        self._reader = threading.Thread(target=self._read, name="mlx-engine-reader", daemon=True)
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox = outbox
+        generation = self._generation
+        self._reader = threading.Thread(
+            target=self._read,
+            args=(generation, results_out, process),
+            name="mlx-engine-reader",
+            daemon=True,
+        )
         self._reader.start()
-        self._writer = threading.Thread(target=self._write, name="mlx-engine-writer", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write, args=(commands_in, outbox), name="mlx-engine-writer", daemon=True
+        )
         self._writer.start()
-        self._watchdog = asyncio.create_task(self._watch())
-        self._post(Observe(self._records(self._observer)))
+        self._watchdog = asyncio.create_task(self._watch(generation, heartbeat))
 
     @property
     def observer(self) -> EngineObserver:
@@ -171,11 +218,31 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """The engine process runs and has not died (it may be draining)."""
-        return self._running and not self._dead
+        """The engine process runs, has not died and is not being restarted (it may be
+        draining)."""
+        return self._running and not self._dead and not self._restarting
+
+    @property
+    def gave_up(self) -> bool:
+        """The engine failed and will not be restarted (engine.max_engine_restarts)."""
+        return self._gave_up
+
+    @property
+    def process_id(self) -> int | None:
+        """The current engine process's pid (a restart starts a new one)."""
+        return self._process.pid if self._process is not None else None
 
     async def wait_stopped(self) -> None:
+        """Until the engine has stopped for good: shut down, or failed and not restarted."""
         await self._stopped.wait()
+
+    async def wait_state_change(self) -> None:
+        """Until the engine next fails, comes back from a restart, or stops."""
+        await self._state_changed.wait()
+
+    def _state_change(self) -> None:
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
 
     def active_requests(self) -> int:
         return self._active
@@ -184,10 +251,11 @@ class Engine:
         """Refuse new work, let in-flight requests finish within `grace`, then end the rest."""
         if not self._running:
             return
+        self._draining = True
+        await self._cancel_restart()
         process, watchdog = started(self._process), started(self._watchdog)
         reader, writer = started(self._reader), started(self._writer)
         commands, results = started(self._commands), started(self._results)
-        self._draining = True
         self.events.publish(Event(RuntimeStatus("shutdown", self._ready_models(), self._active)))
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
@@ -213,36 +281,104 @@ class Engine:
         await asyncio.to_thread(reader.join)
         results.close()
         self.events.close()
+        self._stopped.set()
+        self._state_change()
 
     # ---- models ----------------------------------------------------------------------
 
-    async def load_model(self, source: ModelSource, model_id: str = "") -> ModelInfo:
+    async def load_model(
+        self, source: ModelSource, model_id: str = "", requested: bool = False
+    ) -> ModelInfo:
+        """The model from `source` as `model_id` (if empty, the source's default id).
+
+        `requested`: a client's LoadModel, which the load policy governs; the operator's own
+        models (config `models`, `--model`) load whatever it says. The same source under the
+        same id again gets the model there, or shares its load under way; another source under
+        a loaded id is ModelAlreadyExists.
+        """
         self._check_accepting()
+        if requested and not self.policy.allow_loading:
+            raise LoadingDisabled(model_id)
         model_id = model_id or source.default_model_id()
         if model_id in self._infos:
-            raise ModelAlreadyExists(model_id)
+            return await self._loaded_already(model_id, source)
+        if requested:
+            self._check_request_allowed(source, model_id)
         self._infos[model_id] = ModelInfo(
             model_id=model_id, source=source, state=ModelState.LOADING
         )
+        load = self._loads[model_id] = asyncio.ensure_future(
+            self._finish_load(source, model_id, requested)
+        )
         # A caller that gives up (cancel, deadline) does not stop the load: it finishes and the
         # model stays listed, rather than sitting in memory unlisted.
-        return await asyncio.shield(asyncio.ensure_future(self._finish_load(source, model_id)))
+        return await asyncio.shield(load)
 
-    async def _finish_load(self, source: ModelSource, model_id: str) -> ModelInfo:
+    async def _loaded_already(self, model_id: str, source: ModelSource) -> ModelInfo:
+        """An identical LoadModel is answered with the model, not refused: a client retrying a
+        load it lost the answer to must not see it fail."""
+        info = self._infos[model_id]
+        if info.source != source:
+            raise ModelAlreadyExists(model_id)
+        load = self._loads.get(model_id)
+        return info if load is None else await asyncio.shield(load)
+
+    def _check_request_allowed(self, source: ModelSource, model_id: str) -> None:
+        """What refuses a client's load before any file is touched: its repository, its
+        revision, a full house."""
         try:
-            info, path = await self._call(Load(source, model_id))
+            check_source_allowed(source, self.policy)
+        except LoadRefused as exc:
+            exc.model_id = model_id
+            raise
+        cap = self.policy.max_loaded_models
+        if cap and len(self._infos) >= cap:
+            raise LoadCapReached(
+                f"this server holds {len(self._infos)} models, its most (max_loaded_models); "
+                "unload one first",
+                model_id,
+            )
+
+    async def _finish_load(self, source: ModelSource, model_id: str, requested: bool) -> ModelInfo:
+        try:
+            found_at = source
+            if requested:
+                found = await asyncio.to_thread(vet_model, source, self.policy)
+                self._count_weight_bytes(model_id, found.weight_bytes)
+                # The directory vetted, not the path again: a link changed since is not followed.
+                found_at = ModelSource(local_path=str(found.path))
+            info, path = await self._call(Load(found_at, model_id))
             # The facade's own tokenizer: prompts are tokenized here, not in the engine process.
             await self._prompts.add_model(model_id, Path(path))
         except BaseException as exc:
             self._infos.pop(model_id, None)
-            if isinstance(exc, ModelLoadFailed) and not exc.model_id:
+            if isinstance(exc, (ModelLoadFailed, LoadRefused)) and not exc.model_id:
                 exc.model_id = model_id  # the engine process names only the source
             raise
-        self._infos[model_id] = info
-        return info
+        else:
+            info = self._infos[model_id] = replace(info, source=source)
+            return info
+        finally:
+            self._loads.pop(model_id, None)
 
-    async def unload_model(self, model_id: str) -> None:
+    def _count_weight_bytes(self, model_id: str, size: int) -> None:
+        """Hold a client's model's weights (their headers' size) against max_loaded_bytes before
+        a byte of them is read, all models together."""
+        cap = self.policy.max_loaded_bytes
+        held = sum(info.weight_bytes for other, info in self._infos.items() if other != model_id)
+        if cap and held + size > cap:
+            raise LoadCapReached(
+                f"its {size} bytes of weights would take the models held past {cap} bytes "
+                "(max_loaded_bytes); unload one first",
+                model_id,
+            )
+        self._infos[model_id] = replace(self._infos[model_id], weight_bytes=size)
+
+    async def unload_model(self, model_id: str, requested: bool = False) -> None:
+        """`requested`: a client's UnloadModel, refused when the policy forbids loading."""
         self._check_accepting()
+        if requested and not self.policy.allow_loading:
+            raise LoadingDisabled(model_id)
         info = self.get_model(model_id)
         if info.state is not ModelState.READY:
             raise ModelNotReady(model_id, info.state.value)
@@ -337,13 +473,14 @@ class Engine:
             raise EngineOverloaded(self.config.retry_after_seconds)
         self._active += request.n
         try:
+            check_limits(request, self.config)
             if request.constraint is not None:
                 check_constraint(request.constraint, self.config.max_constraint_bytes)
             if request.messages is not None and request.tool_choice not in FREE_TOOL_CHOICES:
                 request = self._force_tool_call(request)
             context = info.context_length or self.config.default_context_length
             prompt = await self._prompts.encode(request, context)
-            admission = admit(info, request, prompt, context)
+            admission = admit(info, request, prompt, context, self.config)
             del prompt
             self._check_accepting()  # a shutdown may have begun while the prompt was encoded
             if request.n == 1:
@@ -492,24 +629,30 @@ class Engine:
             self._token_events = wanted
             self._post(WatchTokens(wanted))
 
-    async def _watch(self) -> None:
+    async def _watch(self, generation: int, heartbeat: Any) -> None:
         """Declare the engine dead when it shows no progress for the wedge timeout: its loop
         beats at every command, every batch step and every idle wait (see Scheduler.run)."""
-        heartbeat = started(self._heartbeat)
         timeout = self.config.wedge_timeout_seconds
-        while not self._dead:
+        while generation == self._generation:
             await asyncio.sleep(min(0.25, timeout / 4))
             beat = heartbeat.value
-            if beat and time.monotonic() - beat > timeout:
+            if generation == self._generation and beat and time.monotonic() - beat > timeout:
                 self._fail(f"the engine is wedged: no progress for over {timeout:g} s")
 
     def _fail(self, reason: str) -> None:
-        """Event loop: the engine process died or wedged. End every stream and say so once."""
+        """Event loop: the engine process died or wedged. End every stream and say so once, then
+        restart the process, or give up after max_engine_restarts failures in a row."""
         if self._dead:
             return
         self._dead = True
+        self._generation += 1  # what the dead process still sends reaches no one
         log.error("engine failed: %s", reason)
-        error = EngineUnavailable("the engine stopped after an internal error")
+        restart = self._restart_allowed()
+        message = "the engine stopped after an internal error"
+        if restart:
+            error: EngineUnavailable = EngineRestarting(message, self.config.retry_after_seconds)
+        else:
+            error = EngineUnavailable(message)
         for ticket in self._tickets.values():
             ticket.outbox.put_nowait(error)
         for future in self._calls.values():
@@ -522,14 +665,116 @@ class Engine:
                 self.events.publish(Event(event, model_id=model_id))
         self.events.publish(Event(ErrorOccurred(reason, code="engine_dead")))
         self.events.publish(Event(RuntimeStatus("error", self._ready_models(), self._active)))
-        self._stopped.set()
         process = started(self._process)
-        if process.is_alive():  # wedged: nothing it could still do would reach anyone
+        if process.is_alive():  # wedged, even stopped: SIGKILL, nothing it does reaches anyone
             process.kill()
+        if restart:
+            self._begin_restart()
+        else:
+            self._gave_up = self._running and not self._draining
+            self._stopped.set()
+        self._state_change()
+
+    def _restart_allowed(self) -> bool:
+        """Not during a shutdown, and at most max_engine_restarts failures in a row: a row
+        ends once a restarted engine has served for RECOVERED_SECONDS."""
+        if not self._running or self._draining:
+            return False
+        if time.monotonic() - self._serving_since >= RECOVERED_SECONDS:
+            self._failures = 0
+        self._failures += 1
+        return self._failures <= self.config.max_engine_restarts
+
+    def _begin_restart(self) -> None:
+        """The models ready at the first failure of a row are the ones a restart loads again;
+        they are listed as loading until then."""
+        if not self._restarting:
+            self._restarting = True
+            self._serving_since = float("inf")  # a row of failures goes on until one serves
+            self._restoring = [i for i in self._infos.values() if i.state is ModelState.READY]
+        for info in self._restoring:
+            loading = replace(info, state=ModelState.LOADING, weight_bytes_loaded=0)
+            self._infos[info.model_id] = loading
+        self._restarter = asyncio.create_task(self._restart(), name="mlx-engine-restart")
+
+    async def _restart(self) -> None:
+        """After a back-off that doubles with each failure in a row, a new engine process with
+        the dead one's models: the same ids and sources, in the same order."""
+        delay = self.config.engine_restart_backoff_seconds * 2 ** (self._failures - 1)
+        log.warning(
+            "restarting the engine in %g s (restart %d of at most %d in a row)",
+            delay,
+            self._failures,
+            self.config.max_engine_restarts,
+        )
+        await self._reap()
+        await asyncio.sleep(delay)
+        try:
+            await self._spawn()
+        except Exception:
+            log.exception("the engine process could not be started again")
+            self._gave_up = True
+            self._stopped.set()
+            self._state_change()
+            return
+        self._dead = False
+        self._post(Observe(self._records(self._observer)))
+        self._token_events = False
+        self.sync_token_events()
+        try:
+            for info in list(self._restoring):
+                await self._reload(info)
+        except EngineUnavailable:
+            return  # it failed again: _fail has taken over
+        self._restarting = False
+        self._serving_since = time.monotonic()
+        log.warning("the engine restarted with %d model(s)", self._ready_models())
+        self.events.publish(Event(RuntimeStatus("ready", self._ready_models(), self._active)))
+        self._state_change()
+
+    async def _reload(self, info: ModelInfo) -> None:
+        """One of the dead engine's models, loaded again; one that no longer loads is dropped.
+        The facade's tokenizer for it lives in this process and was kept."""
+        try:
+            reloaded, _ = await self._call(Load(info.source, info.model_id))
+        except EngineUnavailable:
+            raise
+        except Exception as exc:
+            log.error("model %s could not be loaded again: %s", info.model_id, exc)
+            self._restoring.remove(info)
+            self._infos.pop(info.model_id, None)
+            self._prompts.remove_model(info.model_id)
+            gone = ModelUnloaded(info.model_id, f"not loaded again after a restart: {exc}")
+            self.events.publish(Event(gone, model_id=info.model_id))
+            return
+        self._infos[info.model_id] = reloaded
+
+    async def _reap(self) -> None:
+        """Join the dead process (killed or exited) and its threads, and close its pipes."""
+        process, outbox = started(self._process), self._outbox
+        reader, writer = started(self._reader), started(self._writer)
+        started(self._watchdog).cancel()
+        outbox.put(None)
+        await asyncio.to_thread(process.join, REAP_SECONDS)
+        await asyncio.to_thread(writer.join)
+        started(self._commands).close()
+        await asyncio.to_thread(reader.join)
+        started(self._results).close()
+
+    async def _cancel_restart(self) -> None:
+        restarter = self._restarter
+        if restarter is not None and not restarter.done():
+            restarter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await restarter
 
     # ---- plumbing --------------------------------------------------------------------
 
     def _check_accepting(self) -> None:
+        if self._restarting and not self._draining:
+            raise EngineRestarting(
+                "the engine is restarting after an internal error", self.config.retry_after_seconds
+            )
         if self._dead:
             raise EngineUnavailable("the engine has stopped after an internal error")
         if self._draining:
@@ -556,11 +801,10 @@ class Engine:
             raise EngineUnavailable("the engine process is gone")
         self._outbox.put(command)
 
-    def _write(self) -> None:
+    def _write(self, commands: Connection, outbox: queue.SimpleQueue) -> None:
         """Writer thread: pickles and sends the commands, in order, until told to stop (None).
         A pipe that breaks means the process is gone, which the reader thread reports."""
-        commands = started(self._commands)
-        while (command := self._outbox.get()) is not None:
+        while (command := outbox.get()) is not None:
             try:
                 commands.send(command)
             except (BrokenPipeError, ConnectionResetError, OSError):
@@ -569,24 +813,25 @@ class Engine:
 
     # ---- the engine process's results (reader thread, then event loop) -----------------
 
-    def _read(self) -> None:
+    def _read(self, generation: int, results: Connection, process: SpawnProcess) -> None:
         """Reader thread: one hop to the loop per message; the pipe's end is the process's."""
-        results, process = started(self._results), started(self._process)
         while True:
             try:
                 message = results.recv()
             except (EOFError, OSError):
                 break
-            self._to_loop(self._receive, message)
+            self._to_loop(self._receive, generation, message)
         process.join(1.0)  # here, not on the loop: its exit code, if it is exiting
-        self._to_loop(self._process_ended)
+        self._to_loop(self._process_ended, generation)
 
     def _to_loop(self, fn: Callable, *args) -> None:
         loop = started(self._loop)
         with contextlib.suppress(RuntimeError):  # the loop has closed: no one left to tell
             loop.call_soon_threadsafe(fn, *args)
 
-    def _receive(self, reply: Any) -> None:
+    def _receive(self, generation: int, reply: Any) -> None:
+        if generation != self._generation:  # from a process declared dead
+            return
         if type(reply) is StepOutput:
             self._take_step(reply)
         elif isinstance(reply, LoadProgress):
@@ -617,15 +862,19 @@ class Engine:
                 ticket.outbox.put_nowait(item)
         replay(self._observer, step.observations)
         events = step.events
-        if self._draining:  # the engine's "ready" would follow our "shutdown"
+        if self._draining or self._restarting:
+            # The engine's "ready" would follow our "shutdown", or come before its models.
             events = [e for e in events if not isinstance(e.payload, RuntimeStatus)]
         self.events.publish_all(events)
 
-    def _process_ended(self) -> None:
-        if self._running and not self._dead:
+    def _process_ended(self, generation: int) -> None:
+        if generation != self._generation:  # declared dead already
+            return
+        if self._running:
             code = started(self._process).exitcode
             self._fail(f"the engine process exited unexpectedly (exit code {code})")
-        self._stopped.set()
+        else:
+            self._stopped.set()
 
 
 class EventStream:
@@ -656,6 +905,26 @@ class EventStream:
 
     async def aclose(self) -> None:
         self.close()
+
+
+class EngineRestarting(EngineUnavailable):
+    """The engine process failed and a new one is starting: worth retrying after
+    `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+async def start_process(process: SpawnProcess) -> None:
+    """`process.start()` on a thread; a cancel waits for the start to finish, so that no
+    process is left half started."""
+    starting = asyncio.ensure_future(asyncio.to_thread(process.start))
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        await starting
+        raise
 
 
 def started(part: T | None) -> T:

@@ -56,6 +56,36 @@ class ModelSourceNotFound(ModelLoadFailed):
     """No model directory at the path, or the repository is neither cached nor downloadable."""
 
 
+class LoadRefused(EngineError):
+    """A client's LoadModel (or UnloadModel) the operator's LoadPolicy does not allow; nothing
+    was read."""
+
+    def __init__(self, message: str, model_id: str = ""):
+        super().__init__(message)
+        # The id the model was to be loaded as ("" until the facade, which knows it, fills it).
+        self.model_id = model_id
+
+
+class LoadingDisabled(LoadRefused):
+    """security.allow_loading is off: models change only with the server's configuration."""
+
+    def __init__(self, model_id: str = ""):
+        super().__init__("this server does not load or unload models on request", model_id)
+
+
+class SourceNotAllowed(LoadRefused):
+    """A path outside the model roots (whether or not it exists), or a repository when Hugging
+    Face is off or its organisation is not listed."""
+
+
+class RemoteCodeRefused(LoadRefused):
+    """The model asks to run Python of its own, and security.trust_remote_code is off."""
+
+
+class LoadCapReached(LoadRefused):
+    """The load would pass max_loaded_models or max_loaded_bytes."""
+
+
 @dataclass(frozen=True)
 class FieldViolation:
     field: str

@@ -1,6 +1,7 @@
 """Turn a ModelSource into a loaded model, its tokenizer and what we report about it."""
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -14,9 +15,12 @@ from mlx_lm import utils as mlx_lm_utils
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import get_total_parameters
 
-from .errors import ModelLoadFailed, ModelSourceNotFound
+from .errors import ModelLoadFailed
 from .fusion import fuse_projections
 from .models import GenerationDefaults, ModelInfo, ModelSource, ModelState, Quantization
+from .sources import checked_model_path, shorten
+
+log = logging.getLogger(__name__)
 
 # generation_config.json's sampling parameters we report, and the type each must have.
 GENERATION_DEFAULT_TYPES: dict[str, type] = {
@@ -38,77 +42,34 @@ class LoadedModel:
     path: Path
 
 
-def resolve_model_path(source: ModelSource) -> Path:
-    """A local directory, or a Hugging Face snapshot: cache first, so cached models work offline."""
-    if source.local_path:
-        return local_model_directory(source.local_path)
-    if source.repo_id is None:  # ModelSource holds exactly one of the two
-        raise ModelSourceNotFound("the model source has neither a local path nor a repository")
-    return hugging_face_snapshot(source.repo_id, source.revision)
-
-
-def local_model_directory(local_path: str) -> Path:
-    path = Path(local_path).expanduser()
-    try:
-        is_model = (path / "config.json").is_file()
-    except OSError as exc:  # a name too long, a directory we may not read
-        raise ModelSourceNotFound(f"{shorten(local_path)!r}: {exc.strerror}") from None
-    if not is_model:
-        raise ModelSourceNotFound(
-            f"{shorten(local_path)!r} is not a model directory (no config.json)"
-        )
-    return path
-
-
-def hugging_face_snapshot(repo_id: str, revision: str | None) -> Path:
-    """The cached snapshot, else a download. The download is tried even with HF_HUB_OFFLINE set:
-    huggingface_hub then refuses at once, and its refusal says why in words."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:
-        pass  # not cached (or a broken cache entry): the download below tells the cause
-    try:
-        return Path(snapshot_download(repo_id, revision=revision))
-    except Exception as exc:
-        name = f"{repo_id}@{revision}" if revision else repo_id
-        raise ModelSourceNotFound(
-            f"{name!r} is not in the Hugging Face cache and could not be downloaded: "
-            f"{error_in_words(exc)}"
-        ) from None
-
-
-def error_in_words(exc: BaseException, limit: int = 300) -> str:
-    """The exception's message on one line, cut at `limit` characters; its class name if it has
-    none. huggingface_hub's messages span lines and end in links: the start is what matters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
-
-
-def shorten(text: str, limit: int = 200) -> str:
-    """`text` fit for a message: a path may be 4 KiB long."""
-    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 4 :]}"
-
-
 def build_model(path: Path, fuse: bool = False, decode_kernel: bool = True) -> tuple:
     """(model, config) with the weights not read yet (lazy), projections fused if asked: the
     engine reads them a chunk at a time between batch steps (see `weight_chunks`)."""
     try:
         model, config = mlx_lm_utils.load_model(path, lazy=True)
     except Exception as exc:
-        raise ModelLoadFailed(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from None
+        log.warning("cannot build the model at %s: %s: %s", path, type(exc).__name__, exc)
+        raise ModelLoadFailed(f"cannot load {shorten(str(path))!r}: {build_failure(exc)}") from None
     if fuse:
         fuse_projections(model, decode_kernel=decode_kernel)
     return model, config
+
+
+def build_failure(exc: Exception) -> str:
+    """Why mlx-lm could not build a model, in our words: its own messages quote the model's
+    config ("Model type <model_type> not supported"), which is not ours to echo."""
+    if isinstance(exc.__cause__, ImportError):  # no module in mlx_lm.models for its model_type
+        return "unsupported architecture"
+    return f"its config.json does not describe a model this server can build ({type(exc).__name__})"
 
 
 def read_tokenizer(path: Path, config: dict[str, Any]) -> TokenizerWrapper:
     try:
         return mlx_lm_utils.load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as exc:
+        log.warning("cannot load the tokenizer at %s: %s: %s", path, type(exc).__name__, exc)
         raise ModelLoadFailed(
-            f"cannot load the tokenizer of {str(path)!r}: {type(exc).__name__}: {exc}"
+            f"cannot load the tokenizer of {shorten(str(path))!r} ({type(exc).__name__})"
         ) from None
 
 
@@ -229,7 +190,7 @@ def load_model(
 ) -> LoadedModel:
     """All of a model at once, in the calling thread (tests, tools); the engine process reads
     one piece per loop turn instead, so that the other models keep stepping."""
-    path = resolve_model_path(source)
+    path = checked_model_path(source)
     model, config = build_model(path, fuse=fuse, decode_kernel=decode_kernel)
     mx.eval(model.parameters())
     tokenizer = read_tokenizer(path, config)

@@ -25,6 +25,26 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class LoadPolicy:
+    """What a client's LoadModel may load (the config's `security` section); the operator's own
+    models (config `models`, `--model`) load whatever it says. The default allows any source
+    and no cap, but never a model's own code: for the engine's tests and tools."""
+
+    # Whether LoadModel and UnloadModel are served at all.
+    allow_loading: bool = True
+    # The directories local models may come from (symlinks and ".." resolved); None: any.
+    model_roots: tuple[str, ...] | None = None
+    allow_hugging_face: bool = True
+    # The organisations repositories may come from; empty: any.
+    hugging_face_organizations: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    # Most models held at once, loading ones included; 0: no cap.
+    max_loaded_models: int = 0
+    # Most bytes of weights held at once, all models together; 0: no cap.
+    max_loaded_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Quantization:
     bits: int
     group_size: int

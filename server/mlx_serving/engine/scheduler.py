@@ -22,7 +22,7 @@ from .batch_cache import make_cache
 from .config import EngineConfig
 from .constraints import ConstrainedRow, Constraints, MaskBatch
 from .detokenizer import StreamingDetokenizer
-from .errors import ModelNotFound, RequestAborted, SequenceFailed
+from .errors import InvalidRequest, ModelNotFound, RequestAborted, SequenceFailed
 from .events import (
     ABORTED,
     Event,
@@ -413,8 +413,14 @@ class Scheduler:
             self._end(slot, sequence, exc)
             return False
         args = sequence.generator_args
+        request = sequence.request
         row = ConstrainedRow(
-            matcher, slot.masks, args["samplers"], vocab, sequence.request.min_tokens > 0
+            matcher,
+            slot.masks,
+            args["samplers"],
+            vocab,
+            banned_tokens=request.min_tokens > 0,
+            field=request.constraint.kind if request.constraint else "constraint",
         )
         sequence.constrained = row
         args["samplers"] = guarded(row.sample, sequence, self._faults, greedy)
@@ -455,10 +461,15 @@ class Scheduler:
                 self._fail_sequence(slot, sequence, exc)
 
     def _fail_sequence(self, slot: ModelSlot, sequence: Sequence, exc: Exception) -> None:
+        """End a sequence whose own code raised: the caller's error as it is (a constraint
+        that cannot be followed), anything else as the engine's (logged, INTERNAL)."""
         request_id = sequence.request.request_id
-        log.error("a sequence failed (request id %s)", request_id, exc_info=exc)
         if slot.sequences.get(sequence.uid) is sequence:
             slot.generator.remove([sequence.uid])
+        if isinstance(exc, InvalidRequest):
+            self._end(slot, sequence, exc)
+            return
+        log.error("a sequence failed (request id %s)", request_id, exc_info=exc)
         self._end(slot, sequence, SequenceFailed(request_id))
 
     def _step_failed(self, slot: ModelSlot) -> None:

@@ -8,6 +8,7 @@ StepOutput per loop turn for every request's chunks, every event and every obser
 """
 
 import contextlib
+import ctypes
 import importlib
 import importlib.metadata
 import logging
@@ -30,8 +31,6 @@ from .loading import (
     build_model,
     describe_model,
     read_tokenizer,
-    resolve_model_path,
-    shorten,
     weight_bytes,
     weight_chunks,
 )
@@ -55,6 +54,7 @@ from .protocol import (
     WatchTokens,
 )
 from .scheduler import Scheduler
+from .sources import checked_model_path, shorten
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ LOAD_CHUNK_BYTES = 64 << 20
 LOADING_POLL_SECONDS = 0.005
 # How often an idle engine wakes to show the facade's watchdog it is alive.
 HEARTBEAT_SECONDS = 0.5
+# How often the engine gives free heap pages back to the system (see `Worker._trim_heap`).
+HEAP_TRIM_SECONDS = 5.0
 # Returned by a command whose caller is answered later (a load).
 DEFERRED = object()
 
@@ -106,6 +108,8 @@ class Worker:
         self.loading: list[Loading] = []
         self.load_chunk_bytes = LOAD_CHUNK_BYTES
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="mlx-engine-loader")
+        self._malloc_trim = glibc_malloc_trim()
+        self._trimmed = time.monotonic()
         self._call_id: int | None = None
         self._handlers = {
             Admit: lambda c: self.scheduler.admit(c.admission, c.rid, c.internal, c.fork_of),
@@ -128,6 +132,7 @@ class Worker:
                     self._send(self.scheduler.step())
                     if self.loading:
                         self._continue_loading()
+                    self._trim_heap()
         except BaseException as exc:
             log.exception("engine loop died")
             self._send(self.scheduler.take_output())  # what was decided, such as events
@@ -142,6 +147,21 @@ class Worker:
 
     def _beat(self) -> None:
         self._heartbeat.value = time.monotonic()
+
+    def _trim_heap(self) -> None:
+        """Give the C heap's free pages back to the system now and then.
+
+        Steps allocate and free host buffers of ever-changing sizes (prompts, batches, KV
+        caches) from several threads, and glibc keeps the freed memory in its arenas: under a
+        64-stream soak the engine's RSS doubled in 10 minutes while MLX's own count of live and
+        cached bytes stayed flat. `malloc_trim` returns it (a few milliseconds, every
+        HEAP_TRIM_SECONDS).
+        """
+        now = time.monotonic()
+        if self._malloc_trim is None or now - self._trimmed < HEAP_TRIM_SECONDS:
+            return
+        self._trimmed = now
+        self._malloc_trim(0)
 
     def _take_commands(self) -> None:
         self._beat()
@@ -216,7 +236,7 @@ class Worker:
 
     def _load(self, command: Load) -> Any:
         """Start loading; the caller is answered `(info, path)` once the model is ready."""
-        job = self._loader.submit(resolve_model_path, command.source)
+        job = self._loader.submit(checked_model_path, command.source)
         started = time.perf_counter()
         self.loading.append(Loading(self._call_id, command.model_id, command.source, started, job))
         return DEFERRED
@@ -250,8 +270,10 @@ class Worker:
             if self.loading and self.loading[0] is loading:
                 self.loading.pop(0)
             if not isinstance(exc, (ModelLoadFailed, ModelSourceNotFound)):
+                # MLX's message may quote the model's files: the detail is for the log only.
+                log.warning("cannot load %s", describe_source(loading), exc_info=exc)
                 exc = ModelLoadFailed(
-                    f"cannot load {describe_source(loading)}: {type(exc).__name__}: {exc}"
+                    f"cannot load {describe_source(loading)} ({type(exc).__name__})"
                 )
             self._answer(loading.call_id, exc.with_traceback(None))
             mx.clear_cache()
@@ -269,6 +291,14 @@ class Worker:
 def describe_source(loading: Loading) -> str:
     """The source a load was given, short enough for a message (a path may be 4 KiB)."""
     return repr(shorten(str(loading.path or loading.source.local_path or loading.source.repo_id)))
+
+
+def glibc_malloc_trim():
+    """glibc's malloc_trim, or None where the C library is another (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,8 +1,8 @@
 """The aio server: the four services, health, reflection, and the order of start and stop.
 
 Health says SERVING only once the engine runs, the preloaded models are loaded and a warm-up
-token was generated; it says NOT_SERVING again as soon as the engine stops (crash or
-shutdown) or a graceful shutdown begins.
+token was generated; it says NOT_SERVING again as soon as the engine fails (crash or wedge)
+or a graceful shutdown begins, and SERVING again once a restarted engine has its models back.
 """
 
 import asyncio
@@ -27,10 +27,19 @@ from mlx_serving.v1 import (
     tokenize_service_pb2_grpc,
 )
 
+from .auth import (
+    DEFAULT_MAX_STREAMS_PER_CLIENT,
+    DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
+    AuthInterceptor,
+    StreamLimitInterceptor,
+    TokenStore,
+    stream_limits,
+)
 from .interceptor import ContractInterceptor
 from .reflection import enable_reflection
 from .services import EventsService, GenerateService, ModelService, TokenizeService
 from .telemetry import Telemetry
+from .tls import ServerCertificates
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,9 @@ class ServingApp:
     """Owns the engine's life cycle and the gRPC server in front of it.
 
     With `telemetry`, its interceptors go ahead of ContractInterceptor (so spans and RPC counts
-    see validation and the final status) and its observer goes into the engine.
+    see validation and the final status) and its observer goes into the engine. With `tokens`,
+    AuthInterceptor comes next, so a call without a valid token does no work; then the
+    per-client stream limits, then ContractInterceptor.
     """
 
     def __init__(
@@ -106,13 +117,29 @@ class ServingApp:
         port: int = DEFAULT_PORT,
         telemetry: Telemetry | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        *,
+        certificates: ServerCertificates | None = None,
+        tokens: TokenStore | None = None,
+        protect_health: bool = False,
+        max_request_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
+        max_streams_per_client: int = DEFAULT_MAX_STREAMS_PER_CLIENT,
+        max_subscriptions_per_client: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
     ):
         self.engine = engine
         self.host = host
         self.requested_port = port
         self.port = 0
         self.telemetry = telemetry
-        interceptors = [ContractInterceptor(max_response_bytes)]
+        self.certificates = certificates
+        self.tokens = tokens
+        self.stream_limits = StreamLimitInterceptor(
+            stream_limits(max_streams_per_client, max_subscriptions_per_client),
+            by_token=tokens is not None,
+            retry_after=engine.config.retry_after_seconds,
+        )
+        interceptors = [self.stream_limits, ContractInterceptor(max_response_bytes)]
+        if tokens is not None:
+            interceptors.insert(0, AuthInterceptor(tokens, protect_health))
         if telemetry is not None:
             install_observer(engine, telemetry.observer)
             interceptors[:0] = telemetry.interceptors
@@ -120,7 +147,7 @@ class ServingApp:
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", max_request_bytes),
                 # Linux gRPC sets SO_REUSEPORT: a second server would share the port silently.
                 ("grpc.so_reuseport", 0),
             ],
@@ -158,7 +185,7 @@ class ServingApp:
         Returns the bound port. On failure the caller still calls `stop`.
         """
         await self._set_health(NOT_SERVING)  # the aio HealthServicer starts out SERVING
-        self.port = self.server.add_insecure_port(host_port(self.host, self.requested_port))
+        self.port = self._add_port(host_port(self.host, self.requested_port))
         if self.telemetry is not None:
             self.telemetry.start()
         await self.engine.start()
@@ -174,6 +201,18 @@ class ServingApp:
         self._watcher = asyncio.create_task(self._watch_engine(), name="mlx-serving-engine-watch")
         return self.port
 
+    def reload(self) -> None:
+        """SIGHUP: the TLS files and the token file, read again now."""
+        if self.certificates is not None:
+            self.certificates.reload()
+        if self.tokens is not None:
+            self.tokens.reload()
+
+    def _add_port(self, address: str) -> int:
+        if self.certificates is None:
+            return self.server.add_insecure_port(address)
+        return self.server.add_secure_port(address, self.certificates.credentials())
+
     async def stop(self, grace: float) -> None:
         """NOT_SERVING, then in-flight generations get `grace` seconds to finish before they end."""
         self._stopping = True
@@ -187,8 +226,23 @@ class ServingApp:
             await asyncio.to_thread(self.telemetry.shutdown)
 
     async def _watch_engine(self) -> None:
-        await self.engine.wait_stopped()
-        if self._stopping:
+        """Health follows the engine: NOT_SERVING from a failure until a restart has its models
+        ready again, SERVING then; the watch ends when the engine gives up or stops."""
+        serving = True
+        while not self._stopping:
+            if self.engine.alive != serving:
+                serving = self.engine.alive
+                await self._follow_engine(serving)
+            elif self.engine.gave_up:
+                log.error("the engine failed too often in a row: it is not restarted again")
+                return
+            else:
+                await self.engine.wait_state_change()
+
+    async def _follow_engine(self, alive: bool) -> None:
+        if alive:
+            log.warning("the engine is back: health is SERVING")
+            await self._set_health(SERVING)
             return
         log.error("the engine stopped: health is NOT_SERVING")
         if self.telemetry is not None:

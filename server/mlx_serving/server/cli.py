@@ -2,9 +2,9 @@
 shows the configuration it would run with, and `mlx-serving config check FILE` checks a file.
 
 The configuration (docs/CONFIG.md) is the defaults, then the file of --config (or of
-$MLX_SERVING_CONFIG), then MLX_SERVING_* variables, then flags. The host defaults to 127.0.0.1:
-the server has no authentication, so listening on every interface (`--host 0.0.0.0`) must be
-asked for.
+$MLX_SERVING_CONFIG), then MLX_SERVING_* variables, then flags. The host defaults to 127.0.0.1;
+listening anywhere else without TLS or tokens (server.tls, security.tokens_*) logs a warning.
+SIGHUP reads the TLS files and the token file again.
 
 `--model ORG/NAME[@REV]` is a Hugging Face repository, as mlx-lm reads it, when no such local
 path exists; `hf:ORG/NAME[@REV]` always is one. Either resolves through the Hugging Face cache
@@ -13,14 +13,21 @@ first, so a downloaded model is served offline.
 The first SIGTERM or SIGINT (Ctrl-C) drains: generations in flight get the shutdown grace to
 finish. A second one during the drain ends the process at once, its engine and streams with it.
 
-Exit status: 0 after a graceful shutdown, 1 if startup failed or the engine died, 2 for bad
-arguments or a bad configuration, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)
-when a second signal forced the exit, as shells report a process killed by that signal.
+An engine process that dies or wedges is restarted with its models, up to
+`engine.max_engine_restarts` times in a row (after `engine.engine_restart_backoff_seconds`,
+doubling each time; a restarted engine that serves for a minute starts a new row).
+
+Exit status: 0 after a graceful shutdown, 1 if startup failed, 2 for bad arguments or a bad
+configuration, 3 when the engine failed and is not restarted again (more failures in a row than
+`engine.max_engine_restarts`, or any with 0): restarting the server is then its supervisor's
+turn. 128 + the signal's number (130 for SIGINT, 143 for SIGTERM) when a second signal forced
+the exit, as shells report a process killed by that signal.
 """
 
 import argparse
 import asyncio
 import importlib.metadata
+import ipaddress
 import json
 import logging
 import multiprocessing
@@ -42,6 +49,7 @@ from mlx_serving.v1 import model_service_pb2 as model_pb
 
 from . import convert
 from .app import ServingApp
+from .auth import TokenError, TokenStore, token_store
 from .config import (
     CONFIG_ENV,
     FORMATS,
@@ -49,6 +57,7 @@ from .config import (
     default_config,
     engine_config,
     load_config,
+    load_policy,
     parse_override,
     preload_models,
     render,
@@ -56,6 +65,7 @@ from .config import (
 )
 from .interceptor import describe
 from .telemetry import make_telemetry
+from .tls import ServerCertificates, TlsError
 
 log = logging.getLogger("mlx_serving.server")
 
@@ -292,14 +302,63 @@ def default_models() -> list[tuple[str, ModelSource]]:
 
 def make_app(config: config_pb.Config) -> ServingApp:
     """The engine and the server that `config` describes (call it inside the event loop)."""
+    certificates, tokens = wire_security(config)
     telemetry = make_telemetry(config.telemetry)
-    engine = Engine(engine_config(config))
+    engine = Engine(engine_config(config), policy=load_policy(config))
+    server = config.server
     return ServingApp(
         engine,
-        config.server.host,
-        config.server.port,
+        server.host,
+        server.port,
         telemetry=telemetry,
-        max_response_bytes=config.server.max_response_bytes,
+        max_response_bytes=server.max_response_bytes,
+        certificates=certificates,
+        tokens=tokens,
+        protect_health=config.security.protect_health,
+        max_request_bytes=server.max_request_bytes,
+        max_streams_per_client=server.max_streams_per_client,
+        max_subscriptions_per_client=server.max_subscriptions_per_client,
+    )
+
+
+def wire_security(
+    config: config_pb.Config,
+) -> tuple[ServerCertificates | None, TokenStore | None]:
+    """The TLS files and the tokens, read before anything starts: one that cannot be used is a
+    ConfigError (exit 2), not a server that fails every handshake or refuses every call."""
+    tls, security = config.server.tls, config.security
+    try:
+        certificates = None
+        if config.server.HasField("tls"):
+            client_ca = Path(tls.client_ca_file) if tls.client_ca_file else None
+            certificates = ServerCertificates(Path(tls.cert_file), Path(tls.key_file), client_ca)
+        tokens = token_store(security.tokens_file or None, security.tokens_env or None)
+    except (TlsError, TokenError) as exc:
+        raise ConfigError([(exc.key, exc.problem)]) from None
+    return certificates, tokens
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost": only this machine can connect."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(config: config_pb.Config) -> None:
+    """Said loudly at startup: anyone who reaches the port may generate, load and unload."""
+    security = config.security
+    if is_loopback(config.server.host) or config.server.HasField("tls"):
+        return
+    if security.tokens_file or security.tokens_env:
+        return
+    log.warning(
+        "listening on %s without TLS or tokens: anyone who can reach the port may call every "
+        "RPC, LoadModel included; set server.tls and security.tokens_file (docs/CONFIG.md)",
+        config.server.host,
     )
 
 
@@ -308,15 +367,19 @@ def make_app(config: config_pb.Config) -> ServingApp:
 GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 # How long a forced exit waits for each killed child process to be gone (SIGKILL: a moment).
 FORCED_EXIT_JOIN_SECONDS = 1.0
+# The exit status once the engine has failed more times in a row than it may be restarted.
+ENGINE_GAVE_UP_EXIT = 3
 
 
 async def serve(config: config_pb.Config) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     app = make_app(config)
+    warn_if_exposed(config)
     engine = app.engine
     models = preload_models(config) or default_models()
     signals = StopSignals(engine)
     signals.install()
+    install_reload_signal(app)
     try:
         if not await first_of(app.start(models), signals.requested.wait()):
             await app.stop(0)
@@ -334,9 +397,9 @@ async def serve(config: config_pb.Config) -> int:
     if requested:
         log.info("shutting down: %s", drain_plan(engine.active_requests(), grace))
     else:
-        log.info("the engine stopped; shutting down")
+        log.error("the engine failed and is not restarted again; shutting down")
     await app.stop(grace)
-    return 0 if requested else 1
+    return 0 if requested else ENGINE_GAVE_UP_EXIT
 
 
 def serving_summary(app: ServingApp, config: config_pb.Config) -> str:
@@ -391,6 +454,19 @@ class StopSignals:
         if self.requested.is_set() or self.stopping:
             force_exit(signum, self.engine.active_requests())
         self.requested.set()
+
+
+def install_reload_signal(app: ServingApp) -> None:
+    """SIGHUP reads the TLS files and the token file again. With neither, it keeps its default
+    action: it ends the process."""
+    if app.certificates is None and (app.tokens is None or app.tokens.path is None):
+        return
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_files, app)
+
+
+def reload_files(app: ServingApp) -> None:
+    log.info("SIGHUP: reading the TLS files and tokens again")
+    app.reload()
 
 
 def force_exit(signum: int, streams: int) -> NoReturn:

@@ -20,11 +20,12 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from mlx_serving.engine.config import EngineConfig
-from mlx_serving.engine.models import ModelSource
+from mlx_serving.engine.models import LoadPolicy, ModelSource
 from mlx_serving.v1 import config_pb2 as config_pb
 
 from . import convert
 from .app import DEFAULT_HOST, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_PORT
+from .auth import DEFAULT_MAX_STREAMS_PER_CLIENT, DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT
 from .default_model import cache_root
 from .interceptor import describe
 from .telemetry import (
@@ -43,8 +44,6 @@ CACHE_ENV = "MLX_SERVING_CACHE"
 DEFAULT_LOG_LEVEL = "info"
 # A 4 MiB prompt (the contract's largest) and the rest of its request.
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
-DEFAULT_MAX_STREAMS_PER_CLIENT = 64
-DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT = 4
 DEFAULT_MAX_LOADED_MODELS = 16
 
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -147,6 +146,21 @@ def engine_config(config: config_pb.Config) -> EngineConfig:
     """The engine's knobs from an effective config (the shutdown grace lives in `server`)."""
     knobs = {key: getattr(config.engine, key) for key in engine_keys()}
     return EngineConfig(**knobs, shutdown_grace_seconds=config.server.shutdown_grace_seconds)
+
+
+def load_policy(config: config_pb.Config) -> LoadPolicy:
+    """What a client's LoadModel may load, from an effective config's `security` (the models in
+    `models` load whatever it says)."""
+    security = config.security
+    return LoadPolicy(
+        allow_loading=security.allow_loading,
+        model_roots=tuple(security.model_roots),
+        allow_hugging_face=security.allow_hugging_face,
+        hugging_face_organizations=tuple(security.hugging_face_organizations),
+        trust_remote_code=security.trust_remote_code,
+        max_loaded_models=security.max_loaded_models,
+        max_loaded_bytes=security.max_loaded_bytes,
+    )
 
 
 def preload_models(config: config_pb.Config) -> list[tuple[str, ModelSource]]:

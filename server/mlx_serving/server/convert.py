@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from mlx_serving.engine import events
 from mlx_serving.engine.errors import FieldViolation, InvalidRequest
@@ -182,8 +182,23 @@ def chat_options(chat: generate_pb.ChatPrompt) -> dict[str, Any]:
     elif choice == "tool":
         options["tool_choice"] = chat.tool_choice.tool
     if chat.HasField("template_kwargs"):
-        options["template_kwargs"] = json_format.MessageToDict(chat.template_kwargs)
+        options["template_kwargs"] = struct_dict(chat.template_kwargs)
     return options
+
+
+# Not json_format.MessageToDict: it raises on a number that JSON cannot write (infinity, NaN),
+# which a Struct holds and a template may take.
+def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: struct_value(value) for key, value in struct.fields.items()}
+
+
+def struct_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_dict(value.struct_value)
+    if kind == "list_value":
+        return [struct_value(item) for item in value.list_value.values]
+    return None if kind in (None, "null_value") else getattr(value, kind)
 
 
 def chat_messages(chat: generate_pb.ChatPrompt) -> tuple[ChatMessage, ...]:

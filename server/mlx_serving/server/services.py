@@ -47,7 +47,7 @@ class ModelService(model_grpc.ModelServiceServicer):
         where = self.source_text(source)
         started = time.monotonic()
         try:
-            info = await self._engine.load_model(source, request.model_id)
+            info = await self._engine.load_model(source, request.model_id, requested=True)
         except asyncio.CancelledError:
             # The engine does not stop a load its caller gave up on: the model appears later.
             log.info("LoadModel %s from %s: the caller left; loading goes on", model_id, where)
@@ -65,7 +65,7 @@ class ModelService(model_grpc.ModelServiceServicer):
     async def UnloadModel(self, request: model_pb.UnloadModelRequest, context):
         started = time.monotonic()
         try:
-            await self._engine.unload_model(request.model_id)
+            await self._engine.unload_model(request.model_id, requested=True)
         except Exception as exc:
             log.warning("UnloadModel %s failed: %s", request.model_id, exc)
             raise

@@ -26,14 +26,18 @@ from mlx_serving.engine.errors import (
     EngineOverloaded,
     EngineUnavailable,
     InvalidRequest,
+    LoadCapReached,
+    LoadingDisabled,
     ModelAlreadyExists,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
     ModelSourceNotFound,
+    RemoteCodeRefused,
     RequestAborted,
     SequenceFailed,
     ShuttingDown,
+    SourceNotAllowed,
     TokenizeOverloaded,
 )
 
@@ -49,6 +53,10 @@ class Reason(StrEnum):
     MODEL_NOT_READY = "MODEL_NOT_READY"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     MODEL_SOURCE_NOT_FOUND = "MODEL_SOURCE_NOT_FOUND"
+    LOADING_DISABLED = "LOADING_DISABLED"
+    MODEL_SOURCE_NOT_ALLOWED = "MODEL_SOURCE_NOT_ALLOWED"
+    REMOTE_CODE_NOT_ALLOWED = "REMOTE_CODE_NOT_ALLOWED"
+    MODEL_CAP_REACHED = "MODEL_CAP_REACHED"
     CONTRACT_VIOLATION = "CONTRACT_VIOLATION"
     INVALID_REQUEST = "INVALID_REQUEST"
     MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
@@ -61,12 +69,17 @@ class Reason(StrEnum):
     SEQUENCE_FAILED = "SEQUENCE_FAILED"
     INTERNAL = "INTERNAL"
     SERVICE_NOT_FOUND = "SERVICE_NOT_FOUND"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
 
 
 # Looked up along the exception's MRO, so a subclass inherits its base's code and reason
 # unless it has its own.
 # A missing model directory or uncached repository is NOT_FOUND; any other load failure
-# (bad config, unsupported architecture) is FAILED_PRECONDITION.
+# (bad config, unsupported architecture, weights whose header lies) is FAILED_PRECONDITION.
+# What the load policy refuses (LoadRefused) is PERMISSION_DENIED, the same for a path that
+# exists outside the model roots and one that does not; its caps are RESOURCE_EXHAUSTED.
 # RequestAborted is UNAVAILABLE, as the contract says for generations ended by an unload;
 # both it and a draining engine are worth retrying elsewhere.
 ENGINE_ERRORS: dict[type[EngineError], tuple[int, Reason]] = {
@@ -75,6 +88,10 @@ ENGINE_ERRORS: dict[type[EngineError], tuple[int, Reason]] = {
     ModelNotReady: (code_pb2.FAILED_PRECONDITION, Reason.MODEL_NOT_READY),
     ModelLoadFailed: (code_pb2.FAILED_PRECONDITION, Reason.MODEL_LOAD_FAILED),
     ModelSourceNotFound: (code_pb2.NOT_FOUND, Reason.MODEL_SOURCE_NOT_FOUND),
+    LoadingDisabled: (code_pb2.PERMISSION_DENIED, Reason.LOADING_DISABLED),
+    SourceNotAllowed: (code_pb2.PERMISSION_DENIED, Reason.MODEL_SOURCE_NOT_ALLOWED),
+    RemoteCodeRefused: (code_pb2.PERMISSION_DENIED, Reason.REMOTE_CODE_NOT_ALLOWED),
+    LoadCapReached: (code_pb2.RESOURCE_EXHAUSTED, Reason.MODEL_CAP_REACHED),
     InvalidRequest: (code_pb2.INVALID_ARGUMENT, Reason.INVALID_REQUEST),
     EngineOverloaded: (code_pb2.RESOURCE_EXHAUSTED, Reason.ENGINE_OVERLOADED),
     TokenizeOverloaded: (code_pb2.RESOURCE_EXHAUSTED, Reason.TOKENIZE_OVERLOADED),
@@ -91,6 +108,10 @@ MODEL_PROBLEMS = {
     Reason.MODEL_NOT_READY: "not ready",
     Reason.MODEL_LOAD_FAILED: "failed to load",
     Reason.MODEL_SOURCE_NOT_FOUND: "no model at its source",
+    Reason.LOADING_DISABLED: "not loaded or unloaded on request here",
+    Reason.MODEL_SOURCE_NOT_ALLOWED: "its source is not allowed here",
+    Reason.REMOTE_CODE_NOT_ALLOWED: "it would run its own code",
+    Reason.MODEL_CAP_REACHED: "over the server's load caps",
 }
 MODEL_RESOURCE = "model"
 # PreconditionFailure.Violation.type of a model that is not ready (its subject: the model id).
@@ -231,6 +252,42 @@ def internal_error(
     """For bugs: says nothing about the cause, only where to look in the server's log."""
     message = f"internal error (request id {request_id})"
     return error_status(code_pb2.INTERNAL, message, reason, request_id=request_id, **metadata)
+
+
+def unauthenticated(problem: str, request_id: str) -> grpc.Status:
+    """No bearer token, or one that is not configured (which it is not said)."""
+    return error_status(
+        code_pb2.UNAUTHENTICATED, problem, Reason.UNAUTHENTICATED, request_id=request_id
+    )
+
+
+def permission_denied(method: str, scope: str, request_id: str) -> grpc.Status:
+    """A valid token whose scope does not cover the method."""
+    message = f'a "{scope}" token may not call {method}'
+    return error_status(
+        code_pb2.PERMISSION_DENIED,
+        message,
+        Reason.PERMISSION_DENIED,
+        request_id=request_id,
+        method=method,
+        token_scope=scope,
+    )
+
+
+def too_many_streams(
+    what: str, setting: str, most: int, retry_after: float, request_id: str
+) -> grpc.Status:
+    """RESOURCE_EXHAUSTED: the client holds `most` streams of this kind already (`setting`
+    names the server's limit); one ending makes room."""
+    message = f"this client has {most} {what} open, the most allowed; end one first"
+    return error_status(
+        code_pb2.RESOURCE_EXHAUSTED,
+        message,
+        Reason.TOO_MANY_STREAMS,
+        retry_info(retry_after),
+        request_id=request_id,
+        **{setting: str(most)},
+    )
 
 
 def aborted(

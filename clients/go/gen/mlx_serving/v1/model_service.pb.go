@@ -168,7 +168,8 @@ type HuggingFaceRepo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The repository id, such as "mlx-community/Llama-3.2-1B-Instruct-4bit".
 	RepoId string `protobuf:"bytes,1,opt,name=repo_id,json=repoId,proto3" json:"repo_id,omitempty"`
-	// A branch, tag or commit; empty means "main".
+	// A branch, tag or commit, such as "v1.0" or "refs/pr/3"; empty means "main". Segments
+	// between "/" start with a letter, digit or "_": no empty, "." or ".." segment.
 	Revision      string `protobuf:"bytes,2,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -926,10 +927,10 @@ const file_mlx_serving_v1_model_service_proto_rawDesc = "" +
 	"local_path\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80 H\x00R\tlocalPath\x12D\n" +
 	"\fhugging_face\x18\x02 \x01(\v2\x1f.mlx_serving.v1.HuggingFaceRepoH\x00R\vhuggingFaceB\r\n" +
-	"\x04kind\x12\x05\xbaH\x02\b\x01\"\x96\x01\n" +
+	"\x04kind\x12\x05\xbaH\x02\b\x01\"\xd7\x01\n" +
 	"\x0fHuggingFaceRepo\x12]\n" +
-	"\arepo_id\x18\x01 \x01(\tBD\xbaHAr?\x18\xc8\x012:^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$R\x06repoId\x12$\n" +
-	"\brevision\x18\x02 \x01(\tB\b\xbaH\x05r\x03\x18\xc8\x01R\brevision\"U\n" +
+	"\arepo_id\x18\x01 \x01(\tBD\xbaHAr?\x18\xc8\x012:^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$R\x06repoId\x12e\n" +
+	"\brevision\x18\x02 \x01(\tBI\xbaHFrD\x18\xc8\x012?^([A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*)?$R\brevision\"U\n" +
 	"\fQuantization\x12\x12\n" +
 	"\x04bits\x18\x01 \x01(\rR\x04bits\x12\x1d\n" +
 	"\n" +
