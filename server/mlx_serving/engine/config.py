@@ -63,6 +63,16 @@ class EngineConfig:
     engine_restart_backoff_seconds: float = 1.0
 
 
+# glibc's malloc raises its mmap threshold each time a large block is freed, up to 32 MiB, so
+# the engine's ever-changing buffers (batches, KV caches, prompts) come to live in its heap
+# arenas, which fragment: under a 64-stream soak the engine's RSS doubled in 10 minutes while
+# MLX's own count of live and cached bytes stayed flat. A fixed threshold keeps large buffers
+# in mmaps the system gets back when they are freed (RSS stayed within 200-260 MiB instead of
+# climbing past 450 MiB in two minutes). Read by glibc at the process's start.
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def mlx_environment(config: EngineConfig) -> dict[str, str]:
-    """What MLX reads from the engine process's environment for these settings."""
-    return {"MLX_CUDA_USE_CUDNN_SDPA": "1" if config.cudnn_prefill_attention else "0"}
+    """What MLX (and the C library under it) reads from the engine process's environment."""
+    cudnn = "1" if config.cudnn_prefill_attention else "0"
+    return {"MLX_CUDA_USE_CUDNN_SDPA": cudnn, **MALLOC_ENVIRONMENT}
