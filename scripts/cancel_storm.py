@@ -19,7 +19,7 @@ import time
 from collections import Counter
 
 import grpc
-from soak import MODEL_ID, metric, mib, running_server, scrape, telemetry_args, verdict
+from soak import MODEL_ID, metric, mib, report_checks, running_server, scrape, telemetry_args
 
 from mlx_serving.v1 import generate_service_pb2 as generate_pb
 from mlx_serving.v1 import generate_service_pb2_grpc as generate_grpc
@@ -148,11 +148,7 @@ def report(args, server, outcomes, storm_seconds, exposition, before, after) -> 
         f"{args.min_ratio})": ratio >= args.min_ratio,
         f"server exit code {server.exit_code}": server.exit_code == 0,
     }
-    for text, ok in checks.items():
-        print(f"  {verdict(ok)}: {text}")
-    passed = all(checks.values())
-    print(f"cancel storm: {verdict(passed)}")
-    return passed
+    return report_checks("cancel storm", checks)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

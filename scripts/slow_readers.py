@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from soak import MODEL_ID, mib, rss_bytes, running_server, verdict
+from soak import MODEL_ID, mib, report_checks, rss_bytes, running_server
 
 from mlx_serving.v1 import events_service_pb2 as events_pb
 from mlx_serving.v1 import events_service_pb2_grpc as events_grpc
@@ -117,11 +117,7 @@ def report(args, server, readings: list[Reading], rss: tuple[int, int], dropped,
         "the subscriber's dropped_events grew": dropped > 0,
         f"server exit code {server.exit_code}": server.exit_code == 0,
     }
-    for text, ok in checks.items():
-        print(f"  {verdict(ok)}: {text}")
-    passed = all(checks.values())
-    print(f"slow readers: {verdict(passed)}")
-    return passed
+    return report_checks("slow readers", checks)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

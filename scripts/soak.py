@@ -322,6 +322,15 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def report_checks(name: str, checks: dict[str, bool]) -> bool:
+    """Print each check's verdict, then the proof's; whether every check passed."""
+    for text, ok in checks.items():
+        print(f"  {verdict(ok)}: {text}")
+    passed = all(checks.values())
+    print(f"{name}: {verdict(passed)}")
+    return passed
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to run")

@@ -1,14 +1,10 @@
 """The scheduler alone, in this process: admit, step, cancel, with the tiny model and no pipe."""
 
-import mlx.core as mx
 import pytest
 
 from mlx_serving.engine import scheduler as scheduler_module
 from mlx_serving.engine.admission import admit
-from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.errors import ModelNotFound, RequestAborted, SequenceFailed
-from mlx_serving.engine.loading import load_model
-from mlx_serving.engine.models import ModelSource
 from mlx_serving.engine.protocol import END
 from mlx_serving.engine.requests import FinishReason, GenerationChunk, GenerationRequest
 from mlx_serving.engine.requests import SamplingParams as Sampling
@@ -16,20 +12,6 @@ from mlx_serving.engine.scheduler import Scheduler
 
 MODEL_ID = "tiny"
 GREEDY = Sampling(temperature=0)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
-
-
-@pytest.fixture
-def scheduler(loaded):
-    scheduler = Scheduler(EngineConfig(prefill_gather_seconds=0))
-    scheduler.add_model(loaded)
-    with mx.stream(scheduler.stream):
-        yield scheduler
-    scheduler.close()
 
 
 def admission(loaded, text: str, max_tokens: int = 8, **fields):

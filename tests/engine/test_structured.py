@@ -9,14 +9,10 @@ import pytest
 from test_scheduler import MODEL_ID, Streams, run
 
 from mlx_serving.engine.admission import admit
-from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.constraints import check_constraint
 from mlx_serving.engine.errors import InvalidRequest
-from mlx_serving.engine.loading import load_model
-from mlx_serving.engine.models import ModelSource
 from mlx_serving.engine.requests import Constraint, FinishReason, GenerationRequest
 from mlx_serving.engine.requests import SamplingParams as Sampling
-from mlx_serving.engine.scheduler import Scheduler
 
 SCHEMA = {
     "type": "object",
@@ -37,20 +33,6 @@ SCHEMA = {
 REGEX = r"[a-z]{2,6}@[a-z]{3,5}\.(com|org)"
 CHOICES = ("yes", "no", "maybe not")
 SEEDS = range(12)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load_model(ModelSource(local_path=str(model_path)), MODEL_ID)
-
-
-@pytest.fixture
-def scheduler(loaded):
-    scheduler = Scheduler(EngineConfig(prefill_gather_seconds=0))
-    scheduler.add_model(loaded)
-    with mx.stream(scheduler.stream):
-        yield scheduler
-    scheduler.close()
 
 
 def admission(loaded, text: str, **fields):

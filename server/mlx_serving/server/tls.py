@@ -16,13 +16,13 @@ from pathlib import Path
 
 import grpc
 
+from .auth import Stamp, file_stamp
+
 log = logging.getLogger(__name__)
 
 CERT_KEY = "server.tls.cert_file"
 KEY_KEY = "server.tls.key_file"
 CLIENT_CA_KEY = "server.tls.client_ca_file"
-
-Stamp = tuple[int, int, int] | None
 
 
 class TlsError(Exception):
@@ -87,15 +87,7 @@ class ServerCertificates:
 
 def file_stamps(files: tuple[Path | None, ...]) -> tuple[Stamp, ...]:
     """What tells a rewritten or replaced file from the one read before (None: unreadable)."""
-    return tuple(stamp(path) if path is not None else None for path in files)
-
-
-def stamp(path: Path) -> Stamp:
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return (status.st_mtime_ns, status.st_size, status.st_ino)
+    return tuple(file_stamp(path) if path is not None else None for path in files)
 
 
 def read_configuration(
