@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "make-model": "make_model",
     "grammars": "grammars",
     "constrained": "constrained",
+    "sampling": "sampling",
+    "sampled": "sampled",
 }
 
 

@@ -108,15 +108,15 @@ class EngineBackend:
 
 
 async def engine_generate(engine, token_ids: list[int], max_tokens: int, **fields) -> RequestResult:
-    """One greedy request, EOS ignored, as the engine's chunks reach this caller; `fields`
-    are more GenerationRequest fields (such as a constraint)."""
+    """One request (greedy unless `fields` has a sampling), EOS ignored, as the engine's chunks
+    reach this caller; `fields` are more GenerationRequest fields (such as a constraint)."""
     from mlx_serving.engine.requests import GenerationRequest, SamplingParams
 
+    fields.setdefault("sampling", SamplingParams(temperature=0.0))
     request = GenerationRequest(
         model_id=MODEL_ID,
         token_ids=tuple(token_ids),
         max_tokens=max_tokens,
-        sampling=SamplingParams(temperature=0.0),
         ignore_eos=True,
         **fields,
     )

@@ -4,9 +4,9 @@ mlx-lm's BatchGenerator decodes a full batch (every sequence prefilled, none fin
 fused model, alternating kernel on / off within every round. Per step it splits the time into
 building the model's graph in Python (`build`), `mx.async_eval` launching it (`dispatch`),
 `mx.eval` waiting for the previous step's tokens (`wait`) and mlx-lm's own bookkeeping
-(`other`). On a GPU, `wait` near zero means the step is bound by the host. The kernel needs
-CUDA (check "kernel runs here"); elsewhere both variants run MLX's attention and should
-measure the same.
+(`other`). On a GPU, `wait` near zero means the step is bound by the host. The kernel runs
+where the native extension has it and it is the faster path (CUDA and the CPU; check "kernel
+runs here"); elsewhere both variants run MLX's attention and should measure the same.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def run(args) -> dict:
         ratios.append(
             report.ratio_entry("kernel on/off", on / off, per_round, batch=batch, metric="tok_s")
         )
-    checks = [report.check_entry("kernel runs here (CUDA)", decode_attention.on_cuda())]
+    checks = [report.check_entry("kernel runs here", decode_attention.kernel_here())]
     return report.make_report("decode-step", args, rows, ratios, checks)
 
 

@@ -1,8 +1,9 @@
 """Soak: many closed-loop streams for minutes against a real `mlx-serving serve` process.
 
 Proves that a long, busy run has no errors and no memory growth: RSS of the server process
-and of its engine process is sampled every few seconds, and after the warm-up each sample must
-stay within a tolerance of the first sample after the warm-up.
+and of its engine process is sampled every few seconds, and after the warm-up no sample may rise
+more than a tolerance above the baseline, the median of the first minute after the warm-up
+(memory given back, a sample below it, is reported, not failed).
 
 The server runs on 127.0.0.1 only, on the tiny built-in test model. The process helpers here
 (`running_server`, `engine_pid`, `rss_bytes`, ...) are shared by the other reliability scripts.
@@ -19,6 +20,7 @@ import re
 import select
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -268,11 +270,20 @@ async def sample_rss(server: Server, every: float, until: float, samples: list[t
         await asyncio.sleep(every)
 
 
-def rss_drift(samples: list[tuple], warmup: float, column: int) -> tuple[int, float]:
-    """The first RSS after the warm-up, and the largest relative drift from it after that."""
-    after = [s[column] for s in samples if s[0] >= warmup] or [samples[-1][column]]
-    baseline = after[0]
-    return baseline, max(abs(value - baseline) / baseline for value in after)
+# The baseline: the median RSS of this long after the warm-up (a single sample swings a few
+# percent as batches and caches come and go).
+BASELINE_SECONDS = 60.0
+
+
+def rss_growth(samples: list[tuple], warmup: float, column: int) -> tuple[int, float, float]:
+    """The baseline RSS after the warm-up (the median of its first minute), the largest growth
+    above it after that, and the largest fall below it (memory given back is reported, not held
+    against the run)."""
+    after = [s for s in samples if s[0] >= warmup] or [samples[-1]]
+    first = [s[column] for s in after if s[0] < after[0][0] + BASELINE_SECONDS]
+    baseline = int(statistics.median(first))
+    values = [s[column] for s in after]
+    return baseline, max(values) / baseline - 1, 1 - min(values) / baseline
 
 
 async def soak(args) -> bool:
@@ -309,10 +320,13 @@ def report(args, server: Server, tally: Tally, samples: list[tuple], loads) -> b
         print(f"  {at:6.0f}  {mib(server_rss):>11}  {mib(engine_rss):>11}  {mib(cache):>11}")
     passed = not tally.errors and tally.requests > 0 and server.exit_code == 0
     for name, column in (("server", 1), ("engine", 2)):
-        baseline, drift = rss_drift(samples, args.warmup_seconds, column)
-        ok = baseline > 0 and drift <= args.tolerance
+        baseline, growth, fall = rss_growth(samples, args.warmup_seconds, column)
+        ok = baseline > 0 and growth <= args.tolerance
         passed &= ok
-        print(f"{name} RSS after warm-up {mib(baseline)}, max drift {drift:.1%}: {verdict(ok)}")
+        print(
+            f"{name} RSS after warm-up {mib(baseline)}, max growth {growth:.1%} "
+            f"(lowest {fall:.1%} below): {verdict(ok)}"
+        )
     print(f"server exit code {server.exit_code}")
     print(f"soak: {verdict(passed)}")
     return passed
@@ -340,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-seconds", type=float, default=60.0, help="before the baseline")
     parser.add_argument("--sample-seconds", type=float, default=10.0, help="RSS sample period")
     parser.add_argument("--report-seconds", type=float, default=60.0, help="tok/s period")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="allowed RSS drift")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="allowed RSS growth")
     parser.add_argument("--model", help="model directory (default: the built-in tiny model)")
     parser.add_argument(
         "--prefix-cache-bytes", type=int, help="the server's prefix cache (default: its own)"

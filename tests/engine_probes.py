@@ -158,6 +158,12 @@ def environment_variable(worker: Worker, name: str) -> str | None:
     return os.environ.get(name)
 
 
+def loaded_libraries(worker: Worker) -> str:
+    """The engine process's memory map (which shared libraries it loaded)."""
+    with open("/proc/self/maps") as maps:
+        return maps.read()
+
+
 def set_load_chunk_bytes(worker: Worker, size: int) -> None:
     worker.load_chunk_bytes = size
 

@@ -143,7 +143,7 @@ def test_ab_reports_the_ratio_of_its_variants(tmp_path, compare):
 
 
 def test_decode_step_splits_the_step(tmp_path):
-    """The kernel needs CUDA; here both variants run MLX's attention, which still runs."""
+    """Both variants run (the kernel, where the native extension has it here, and MLX's)."""
     import mlx.core as mx
 
     report = run_bench(
@@ -203,3 +203,37 @@ def test_grammars_times_every_workload_with_llguidance(tmp_path, model_path):
     assert rows["choice", "per row"]["finished"] > 0
     (check,) = report["checks"]
     assert check["value"] == 0 and check["met"]
+
+
+def test_sampling_times_every_variant(tmp_path):
+    """The fused sampler's native op (where the extension has it here), its fallback, per row."""
+    from mlx_serving.engine import native
+
+    report = run_bench(
+        tmp_path,
+        *("sampling", "--shapes", "3x500,2x70", "--rounds", "2", "--steps", "2", "--warmup", "1"),
+    )
+    variants = {"fallback", "per-row"} | ({"native"} if native.extension_for_device() else set())
+    assert {(r["rows"], r["vocab"], r["variant"]) for r in report["rows"]} == {
+        (rows, vocab, v) for rows, vocab in ((3, 500), (2, 70)) for v in variants
+    }
+    assert all(positive(row["ms"]) and len(row["ms_rounds"]) == 2 for row in report["rows"])
+    assert all(positive(ratio["value"]) for ratio in report["ratios"])
+    assert len(report["ratios"]) == (4 if "native" in variants else 0)
+
+
+def test_sampled_serves_every_variant_end_to_end(tmp_path, monkeypatch):
+    """Three engines (per-row, fused in MLX, native) on the same sampled closed loop."""
+    monkeypatch.delenv("MLX_SERVING_NATIVE", raising=False)
+    report = run_bench(
+        tmp_path,
+        *("sampled", "--model-preset", "tiny", "--concurrency", "2"),
+        *("--rounds", "1", "--max-tokens", "4"),
+    )
+    variants = {row["variant"] for row in report["rows"]}
+    assert variants == {"per-row", "fused", "native"}
+    assert all(positive(row["tok_s"]) for row in report["rows"])
+    assert {ratio["name"] for ratio in report["ratios"]} == {
+        "native/fused at 2 streams",
+        "native/per-row at 2 streams",
+    }

@@ -1,5 +1,6 @@
 import asyncio
 import contextlib
+import ctypes.util
 import os
 import shutil
 
@@ -8,6 +9,7 @@ from engine_probes import (
     break_loop,
     count_steps_while_loading,
     environment_variable,
+    loaded_libraries,
     probe,
     set_load_chunk_bytes,
     steps_while_loading,
@@ -293,3 +295,32 @@ def test_two_mlx_backends_installed_side_by_side_are_reported():
     assert backend_conflict(["mlx-cpu"]) is None
     message = backend_conflict(["mlx-cpu", "mlx-cuda-13"])
     assert "pip uninstall -y mlx-cpu mlx-cuda-13 && pip install mlx-cuda-13==" in message
+
+
+@pytest.mark.skipif(
+    ctypes.util.find_library("jemalloc") is None or not os.path.exists("/proc/self/maps"),
+    reason="needs jemalloc installed (Debian: libjemalloc2) and Linux's /proc",
+)
+async def test_the_engine_process_allocates_with_jemalloc_unless_told(monkeypatch):
+    """glibc's heap fragments under the engine's changing buffers (docs/RELIABILITY.md, soak):
+    the engine process is started with jemalloc preloaded; the server's own environment and
+    the preloads it already had are kept."""
+
+    async def maps(config: EngineConfig) -> tuple[str, str | None]:
+        engine = Engine(config)
+        await engine.start()
+        try:
+            libraries = await probe(engine, loaded_libraries)
+            return libraries, await probe(engine, environment_variable, "LD_PRELOAD")
+        finally:
+            await engine.shutdown(0)
+
+    before = os.environ.get("LD_PRELOAD")
+    libraries, preload = await maps(EngineConfig())
+    assert "libjemalloc" in libraries
+    assert preload is not None and preload.startswith("libjemalloc")
+    if before:
+        assert preload.endswith(before)
+    assert os.environ.get("LD_PRELOAD") == before
+    libraries, _ = await maps(EngineConfig(jemalloc=False))
+    assert "libjemalloc" not in libraries

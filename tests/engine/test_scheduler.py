@@ -139,7 +139,8 @@ def test_a_sampler_that_raises_fails_its_sequence_alone(scheduler, loaded, monke
     monkeypatch.setattr(scheduler_module, "make_sampler", make_sampler)
     streams = Streams()
     scheduler.admit(admission(loaded, "abc", 10, ignore_eos=True), rid=1)
-    poisoned = admission(loaded, "xyz", 10, sampling=Sampling(seed=666))
+    # A repetition penalty keeps the row on its own sampler (not the fused one).
+    poisoned = admission(loaded, "xyz", 10, sampling=Sampling(seed=666, repetition_penalty=1.1))
     scheduler.admit(poisoned, rid=2)
     run(scheduler, streams, [1, 2])
     assert isinstance(streams.ends[2], SequenceFailed)

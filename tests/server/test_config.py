@@ -242,7 +242,7 @@ def test_every_number_has_both_bounds():
             "chat_template_workers, chat_template_timeout_seconds, max_concurrent_tokenize, "
             "max_tokenize_bytes, max_constraint_bytes, max_prompt_tokens, max_generation_tokens, "
             "max_request_tokens, max_stop_strings, max_engine_restarts, "
-            "engine_restart_backoff_seconds)",
+            "engine_restart_backoff_seconds, fused_sampler, native_kernels, jemalloc)",
         ),
         (
             {

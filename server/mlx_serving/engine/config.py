@@ -1,5 +1,7 @@
 """The engine's knobs, validated once by the server and frozen from then on."""
 
+import ctypes.util
+import os
 from dataclasses import dataclass
 
 
@@ -20,9 +22,16 @@ class EngineConfig:
     # Llama/Qwen q/k/v and gate/up projections run as one matmul each: fewer kernel launches
     # per decode step, the same dot products.
     fuse_projections: bool = True
-    # On CUDA, a fused model's decode attention runs as one kernel of ours rather than MLX's
-    # masked fallback (see decode_attention.py).
+    # On CUDA and the CPU, a fused model's decode attention runs as one native kernel of ours
+    # rather than MLX's masked fallback (see decode_attention.py).
     decode_attention_kernel: bool = True
+    # Sampled rows draw their tokens in one fused call per step (bias, penalties, top-k/p,
+    # min-p, seeded randomness), the native kernel where built, else its pure-MLX twin; off:
+    # mlx-lm's sampler and logits processors per row (see fused_batch.py).
+    fused_sampler: bool = True
+    # The compiled extension's kernels (native/) where built for the device; off: their pure-MLX
+    # twins (the same results), to measure what the extension is worth.
+    native_kernels: bool = True
     # On CUDA, whether prefill attention is cuDNN's fused kernel (MLX's default). cuDNN builds a
     # graph for each new shape, and each new prompt length is one: 60 ms to 900 ms before the
     # first token of every sequence prefilled with it, against 10 to 20 ms for MLX's own.
@@ -61,6 +70,8 @@ class EngineConfig:
     # engine_restart_backoff_seconds, doubling; then the server exits.
     max_engine_restarts: int = 3
     engine_restart_backoff_seconds: float = 1.0
+    # The engine process allocates with jemalloc where the system has it (see JEMALLOC_CONF).
+    jemalloc: bool = True
 
 
 # glibc's malloc raises its mmap threshold each time a large block is freed, up to 32 MiB, so
@@ -72,7 +83,30 @@ class EngineConfig:
 MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
+# glibc's heap still fragments under that threshold: a 64-stream soak grew the engine by ~15 MiB
+# a minute (malloc_trim every few seconds included) while jemalloc's heap profile of the same
+# run showed live bytes flat. With jemalloc, returning freed pages at once, the engine's RSS
+# stayed flat at the same speed (docs/RELIABILITY.md). Preloaded into the engine process only.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"
+
+
+def allocator_environment(config: EngineConfig) -> dict[str, str]:
+    """LD_PRELOAD (ahead of any already set) and MALLOC_CONF for jemalloc, if it is wanted and
+    installed (Debian: libjemalloc2); else nothing, and glibc with MALLOC_ENVIRONMENT."""
+    library = ctypes.util.find_library("jemalloc") if config.jemalloc else None
+    if library is None:
+        return {}
+    preload = os.environ.get("LD_PRELOAD", "")
+    if library in preload.split(":"):
+        return {}
+    return {
+        "LD_PRELOAD": f"{library}:{preload}" if preload else library,
+        "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF),
+    }
+
+
 def mlx_environment(config: EngineConfig) -> dict[str, str]:
     """What MLX (and the C library under it) reads from the engine process's environment."""
     cudnn = "1" if config.cudnn_prefill_attention else "0"
-    return {"MLX_CUDA_USE_CUDNN_SDPA": cudnn, **MALLOC_ENVIRONMENT}
+    native = {} if config.native_kernels else {"MLX_SERVING_NATIVE": "0"}
+    return {"MLX_CUDA_USE_CUDNN_SDPA": cudnn, **native, **MALLOC_ENVIRONMENT}

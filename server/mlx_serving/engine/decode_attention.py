@@ -1,110 +1,36 @@
-"""One CUDA kernel for a batched decode step's attention, instead of about fifteen graph nodes.
+"""One kernel for a batched decode step's attention, instead of about fifteen graph nodes.
 
 A batch of sequences of different lengths is left-padded in mlx-lm's BatchKVCache, so every
-decode step attends under a mask, and MLX's CUDA backend has no fused kernel for a masked
-attention: it falls back to scale, two batched matmuls, a select and a softmax, plus the views
-around them, in every layer. On a GPU the step is bound by the host dispatching that graph. This
-kernel reads the cache's left padding instead of a mask (what the mask says, and all it says,
-for a single new query), and writes its output already laid out for the output projection.
-It runs where MLX runs on CUDA; everywhere else attention is left to MLX.
-"""
+decode step attends under a mask, and MLX has no fused kernel for a masked attention on CUDA or
+the CPU: it falls back to scale, two batched matmuls, a select and a softmax, plus the views
+around them, in every layer. On a GPU the step is bound by the host dispatching that graph. The
+native op (`mlx_serving._native.decode_attention`, native/decode_attention/) reads the cache's
+left padding instead of a mask (what the mask says, and all it says, for a single new query),
+and writes its output already laid out for the output projection.
 
-import struct
+Fused attention (fusion.py) takes this path only where it is faster than MLX's own attention:
+where the extension has a kernel for the default device's backend and that kernel was measured
+faster (`FASTER_ON`). Elsewhere attention is left to MLX. `decode_attention` itself always
+works: without a native kernel it computes the same thing with MLX's masked attention.
+"""
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
+from . import native
+
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
-# One block per (query head, sequence): 32 warps take every 32nd key each, keeping an online
-# softmax, then combine through shared memory (the layout of MLX's own vector kernel).
-SOURCE = """
-    constexpr int WARPS = 32;
-    constexpr int PER_LANE = D / 32;
-    auto block = cg::this_thread_block();
-    auto warp = cg::tiled_partition<32>(block);
-    const int lane = warp.thread_rank();
-    const int w = warp.meta_group_rank();
-    const int head = blockIdx.x;
-    const int b = blockIdx.z;
-    const int kv_head = head / GQA;
-    const int length = keys_shape[2];
-    const float neg_inf = __int_as_float(0xff800000);
-    const float scale_log2 = __int_as_float(SCALE_BITS) * 1.44269504088896341f;
-
-    const T* q = queries + b * queries_strides[0] + head * queries_strides[1] + lane * PER_LANE;
-    const T* k = keys + b * keys_strides[0] + kv_head * keys_strides[1] + lane * PER_LANE;
-    const T* v = values + b * values_strides[0] + kv_head * values_strides[1] + lane * PER_LANE;
-
-    float qs[PER_LANE], acc[PER_LANE];
-    for (int i = 0; i < PER_LANE; i++) {
-        qs[i] = scale_log2 * static_cast<float>(q[i]);
-        acc[i] = 0.0f;
-    }
-    float best = neg_inf, total = 0.0f;
-    for (int j = left_padding[b] + w; j < length; j += WARPS) {
-        const T* kj = k + j * keys_strides[2];
-        float score = 0.0f;
-        for (int i = 0; i < PER_LANE; i++) {
-            score += qs[i] * static_cast<float>(kj[i]);
-        }
-        score = cg::reduce(warp, score, cg::plus<float>());
-        const float top = fmaxf(best, score);
-        const float shrink = exp2f(best - top);
-        const float weight = exp2f(score - top);
-        best = top;
-        total = total * shrink + weight;
-        const T* vj = v + j * values_strides[2];
-        for (int i = 0; i < PER_LANE; i++) {
-            acc[i] = acc[i] * shrink + weight * static_cast<float>(vj[i]);
-        }
-    }
-
-    __shared__ float partial[WARPS][33];
-    __shared__ float bests[WARPS];
-    __shared__ float totals[WARPS];
-    if (lane == 0) {
-        bests[w] = best;
-        totals[w] = total;
-    }
-    block.sync();
-    const float top = cg::reduce(warp, bests[lane], cg::greater<float>());
-    const float rescale = bests[lane] == neg_inf ? 0.0f : exp2f(bests[lane] - top);
-    const float norm = cg::reduce(warp, totals[lane] * rescale, cg::plus<float>());
-
-    T* o = out + (b * gridDim.x + head) * D;
-    for (int i = 0; i < PER_LANE; i++) {
-        partial[lane][w] = acc[i];
-        block.sync();
-        // Warp w now sums, over the 32 warps, element i of lane w's slice.
-        const float sum = cg::reduce(warp, partial[w][lane] * rescale, cg::plus<float>());
-        if (lane == 0) {
-            o[w * PER_LANE + i] = static_cast<T>(sum / norm);
-        }
-        block.sync();
-    }
-"""
-
-_kernel = None
-
-
-def kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="mlx_serving_decode_attention",
-            input_names=["queries", "keys", "values", "left_padding"],
-            output_names=["out"],
-            source=SOURCE,
-            header="#include <cooperative_groups/reduce.h>\n",
-            ensure_row_contiguous=False,
-        )
-    return _kernel
+# Backends whose native kernel beats MLX's masked attention in a batched decode step: CUDA
+# (the same kernel, then compiled at run time, on an H100: docs/BENCHMARKS.md) and the CPU
+# (docs/ARCHITECTURE.md, "Native extension"). Metal is not measured, so MLX's own attention
+# (which has a masked vector kernel there) stays.
+FASTER_ON = ("cuda", "cpu")
 
 
 def applies(queries: mx.array, keys: mx.array, cache) -> bool:
-    """A decode step (one query per sequence) over a left-padded batch cache, on CUDA."""
+    """A decode step (one query per sequence) over a left-padded batch cache, where faster."""
     return (
         queries.shape[2] == 1
         and isinstance(cache, BatchKVCache)
@@ -113,12 +39,13 @@ def applies(queries: mx.array, keys: mx.array, cache) -> bool:
         and keys.shape[-1] == queries.shape[-1]
         and queries.dtype in DTYPES
         and keys.dtype == queries.dtype
-        and on_cuda()
+        and kernel_here()
     )
 
 
-def on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+def kernel_here() -> bool:
+    """Whether the default device runs the native kernel, and it is the faster path there."""
+    return native.extension_for_device() is not None and native.device_backend() in FASTER_ON
 
 
 def decode_attention(
@@ -126,24 +53,65 @@ def decode_attention(
 ) -> mx.array:
     """Softmax attention of each sequence's one query over its keys past its left padding.
 
-    queries (B, H, 1, D); keys and values (B, H_kv, S, D), any strides but a unit last one;
-    left_padding (B,). Returns (B, 1, H * D), the heads side by side.
+    queries (B, H, 1, D) and keys and values (B, H_kv, S, D) of one dtype (float32, float16,
+    bfloat16), D in HEAD_DIMS, H a multiple of H_kv, any strides; left_padding (B,) integers
+    below S (the step's own key is always there). Returns (B, 1, H * D), the heads side by
+    side, in queries' dtype. Bad shapes or dtypes raise ValueError.
     """
+    module = native.extension_for_device()
+    if module is not None:
+        return module.decode_attention(queries, keys, values, left_padding, scale)
+    return masked_attention(queries, keys, values, left_padding, scale)
+
+
+def masked_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, left_padding: mx.array, scale: float
+) -> mx.array:
+    """The same contract with MLX's own attention under the mask the padding stands for."""
+    check(queries, keys, values, left_padding)
     B, H, _, D = queries.shape
-    scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]
-    if left_padding.dtype != mx.int32:
-        left_padding = left_padding.astype(mx.int32)
-    (out,) = kernel()(
-        inputs=[queries, keys, values, left_padding],
-        template=[
-            ("T", queries.dtype),
-            ("D", D),
-            ("GQA", H // keys.shape[1]),
-            ("SCALE_BITS", scale_bits),
-        ],
-        grid=(H * 1024, 1, B),
-        threadgroup=(1024, 1, 1),
-        output_shapes=[(B, 1, H * D)],
-        output_dtypes=[queries.dtype],
-    )
-    return out
+    length = keys.shape[2]
+    mask = (mx.arange(length)[None] >= left_padding[:, None]).reshape(B, 1, 1, length)
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3).reshape(B, 1, H * D)
+
+
+def check(queries: mx.array, keys: mx.array, values: mx.array, left_padding: mx.array) -> None:
+    """The native op's argument checks, for the fallback."""
+    if queries.ndim != 4 or queries.shape[2] != 1:
+        raise ValueError(f"[decode_attention] queries must be (B, H, 1, D), got {queries.shape}")
+    if keys.ndim != 4 or keys.shape != values.shape:
+        raise ValueError(
+            "[decode_attention] keys and values must be (B, H_kv, S, D) of one shape, got "
+            f"{keys.shape} and {values.shape}"
+        )
+    B, H, _, D = queries.shape
+    if keys.shape[0] != B or keys.shape[3] != D:
+        raise ValueError(
+            f"[decode_attention] keys {keys.shape} do not match queries {queries.shape} "
+            "(batch and head dim)"
+        )
+    if D not in HEAD_DIMS:
+        raise ValueError(f"[decode_attention] head dim must be 64, 128 or 256, got {D}")
+    if keys.shape[1] == 0 or H % keys.shape[1]:
+        raise ValueError(
+            f"[decode_attention] query heads ({H}) must be a multiple of key/value heads "
+            f"({keys.shape[1]})"
+        )
+    if queries.dtype not in DTYPES:
+        raise ValueError(
+            f"[decode_attention] queries must be float32, float16 or bfloat16, got {queries.dtype}"
+        )
+    if keys.dtype != queries.dtype or values.dtype != queries.dtype:
+        raise ValueError(
+            f"[decode_attention] keys and values must have queries' dtype {queries.dtype}, got "
+            f"{keys.dtype} and {values.dtype}"
+        )
+    if left_padding.shape != (B,):
+        raise ValueError(
+            f"[decode_attention] left_padding must be (B,) = ({B},), got {left_padding.shape}"
+        )
+    if not mx.issubdtype(left_padding.dtype, mx.integer):
+        raise ValueError(
+            f"[decode_attention] left_padding must be integers, got {left_padding.dtype}"
+        )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .admission import Admission, admit, check_limits, check_token_ids
-from .config import EngineConfig, mlx_environment
+from .config import EngineConfig, allocator_environment, mlx_environment
 from .constraints import check_constraint, tool_call_constraint
 from .errors import (
     EngineOverloaded,
@@ -181,7 +181,7 @@ class Engine:
         # Set before the start, so that a shutdown that cancels a restart finds them to close.
         self._process, self._heartbeat = process, heartbeat
         self._commands, self._results = commands_in, results_out
-        with environment(mlx_environment(self.config)):
+        with environment(mlx_environment(self.config), allocator_environment(self.config)):
             await start_process(process)
         log.info("engine process started (pid %d)", process.pid)
         commands_out.close()
@@ -975,12 +975,19 @@ def total_usage(finished: list[GenerationChunk]) -> Usage:
 
 
 @contextlib.contextmanager
-def environment(variables: dict[str, str]):
-    """Set, for a child process to inherit, the variables not already set; then unset them."""
+def environment(variables: dict[str, str], replacing: dict[str, str] | None = None):
+    """Set, for a child process to inherit, `variables` not already set and every one of
+    `replacing`; then put the environment back as it was."""
+    replacing = replacing or {}
     added = {name: value for name, value in variables.items() if name not in os.environ}
+    added.update(replacing)
+    before = {name: os.environ.get(name) for name in added}
     os.environ.update(added)
     try:
         yield
     finally:
-        for name in added:
-            os.environ.pop(name, None)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

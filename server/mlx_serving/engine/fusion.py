@@ -128,7 +128,8 @@ def concatenate_linears(linears: list[nn.Module]) -> nn.Module | None:
 def fuse_projections(model: nn.Module, decode_kernel: bool = True) -> int:
     """Fuses every attention and MLP of a known class in `model`, in place; returns how many.
 
-    `decode_kernel`: whether fused attention may use decode_attention's kernel (CUDA only).
+    `decode_kernel`: whether fused attention may use decode_attention's kernel (where it is the
+    faster path: decode_attention.kernel_here).
     The fused weights are computed lazily, with the rest of a lazily loaded model's.
     """
     fused = 0

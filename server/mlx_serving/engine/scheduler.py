@@ -33,6 +33,7 @@ from .events import (
     RuntimeStatus,
     TokenGenerated,
 )
+from .fused_batch import FusedGenerationBatch, FusedRow, fused_eligible
 from .loading import LoadedModel
 from .logprobs import Pieces, RawLogprobs, prompt_logprobs, token_logprobs
 from .observer import EngineObserver, RecordingObserver
@@ -217,7 +218,7 @@ class Scheduler:
         self._deliveries.append((sequence.rid, item))
 
     def _generator(self, loaded: LoadedModel) -> BatchGenerator:
-        return BatchGenerator(
+        generator = BatchGenerator(
             loaded.model,
             stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
             completion_batch_size=self.config.max_batch_size,
@@ -225,6 +226,9 @@ class Scheduler:
             prefill_step_size=self.config.prefill_step_size,
             stream=self.stream,
         )
+        # New rows join this batch (extend), so its step samples every fused row at once.
+        generator._generation_batch = FusedGenerationBatch.empty(loaded.model, generator.sampler)
+        return generator
 
     def unload(self, model_id: str) -> None:
         """End the model's sequences (RequestAborted) and free it."""
@@ -284,8 +288,15 @@ class Scheduler:
             cached_tokens=cached,
         )
         stop_ids = sorted(eos | set(request.stop_token_ids))
-        sampler = make_sampler(request.sampling)
-        processors = make_logits_processors(request.sampling)
+        sampler: Callable | None
+        if self.config.fused_sampler and fused_eligible(
+            request.sampling, request.constraint is not None, request.min_tokens
+        ):
+            # Bias and penalties included: the batch's one fused call (fused_batch.py).
+            sampler, processors = FusedRow(request.sampling, prompt), []
+        else:
+            sampler = make_sampler(request.sampling)
+            processors = make_logits_processors(request.sampling)
         if request.min_tokens and stop_ids:
             processors.append(ban_until(stop_ids, request.min_tokens))
         if request.logprobs and processors:
@@ -299,7 +310,9 @@ class Scheduler:
             max_tokens=admission.max_tokens,
             caches=cache or make_cache(slot.loaded.model),
             all_tokens=list(prompt[:cached]),
-            samplers=sampler and guarded(sampler, sequence, self._faults, greedy),
+            samplers=sampler
+            if isinstance(sampler, FusedRow) or sampler is None
+            else guarded(sampler, sequence, self._faults, greedy),
             logits_processors=[guarded(p, sequence, self._faults, unchanged) for p in processors],
             stop_sequences=StopSequences([[t] for t in stop_ids] or None),
         )

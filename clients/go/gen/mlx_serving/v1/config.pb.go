@@ -512,8 +512,23 @@ type EngineSettings struct {
 	// The wait before the first restart, in seconds; doubled for each further one in a row.
 	// Default 1.
 	EngineRestartBackoffSeconds *float64 `protobuf:"fixed64,26,opt,name=engine_restart_backoff_seconds,json=engineRestartBackoffSeconds,proto3,oneof" json:"engine_restart_backoff_seconds,omitempty"`
-	unknownFields               protoimpl.UnknownFields
-	sizeCache                   protoimpl.SizeCache
+	// Whether sampled requests draw their tokens in one fused call per batch step (logit bias,
+	// presence and frequency penalties, temperature, top-k, top-p, min-p and a per-request seeded
+	// hash in one pass over the vocabulary) instead of mlx-lm's sampler and logits processors row
+	// by row. Seeded draws then differ from mlx-lm's own (same distribution, another random
+	// stream); rows with a repetition penalty, min_tokens or a constraint keep mlx-lm's. Default
+	// true.
+	FusedSampler *bool `protobuf:"varint,27,opt,name=fused_sampler,json=fusedSampler,proto3,oneof" json:"fused_sampler,omitempty"`
+	// Whether the compiled extension's kernels (native/: decode attention, the fused sampler) run
+	// where they were built for the device; false runs their pure-MLX equivalents (the same
+	// results), to measure what the extension is worth. Default true.
+	NativeKernels *bool `protobuf:"varint,28,opt,name=native_kernels,json=nativeKernels,proto3,oneof" json:"native_kernels,omitempty"`
+	// Whether the engine process allocates with jemalloc (preloaded, returning freed pages at
+	// once) when the system has it (Debian: libjemalloc2): glibc's heap fragments under the
+	// engine's ever-changing buffers and grows over hours of load. Default true.
+	Jemalloc      *bool `protobuf:"varint,29,opt,name=jemalloc,proto3,oneof" json:"jemalloc,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EngineSettings) Reset() {
@@ -726,6 +741,27 @@ func (x *EngineSettings) GetEngineRestartBackoffSeconds() float64 {
 		return *x.EngineRestartBackoffSeconds
 	}
 	return 0
+}
+
+func (x *EngineSettings) GetFusedSampler() bool {
+	if x != nil && x.FusedSampler != nil {
+		return *x.FusedSampler
+	}
+	return false
+}
+
+func (x *EngineSettings) GetNativeKernels() bool {
+	if x != nil && x.NativeKernels != nil {
+		return *x.NativeKernels
+	}
+	return false
+}
+
+func (x *EngineSettings) GetJemalloc() bool {
+	if x != nil && x.Jemalloc != nil {
+		return *x.Jemalloc
+	}
+	return false
 }
 
 // TelemetrySettings configures metrics (a Prometheus endpoint) and trace export (OTLP).
@@ -942,7 +978,7 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x13_allow_hugging_faceB\x14\n" +
 	"\x12_trust_remote_codeB\x14\n" +
 	"\x12_max_loaded_modelsB\x13\n" +
-	"\x11_max_loaded_bytes\"\x9c\x13\n" +
+	"\x11_max_loaded_bytes\"\xc5\x14\n" +
 	"\x0eEngineSettings\x125\n" +
 	"\x0emax_batch_size\x18\x01 \x01(\x05B\n" +
 	"\xbaH\a\x1a\x05\x18\x80\b(\x01H\x00R\fmaxBatchSize\x88\x01\x01\x12@\n" +
@@ -976,7 +1012,10 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x1a\b\x18\x80\x80\x80\x80\x04(\x00H\x16R\x10maxRequestTokens\x88\x01\x01\x128\n" +
 	"\x10max_stop_strings\x18\x18 \x01(\x05B\t\xbaH\x06\x1a\x04\x18\x10(\x00H\x17R\x0emaxStopStrings\x88\x01\x01\x12>\n" +
 	"\x13max_engine_restarts\x18\x19 \x01(\x05B\t\xbaH\x06\x1a\x04\x18d(\x00H\x18R\x11maxEngineRestarts\x88\x01\x01\x12a\n" +
-	"\x1eengine_restart_backoff_seconds\x18\x1a \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\xc0\x82@)\x00\x00\x00\x00\x00\x00\x00\x00H\x19R\x1bengineRestartBackoffSeconds\x88\x01\x01B\x11\n" +
+	"\x1eengine_restart_backoff_seconds\x18\x1a \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\xc0\x82@)\x00\x00\x00\x00\x00\x00\x00\x00H\x19R\x1bengineRestartBackoffSeconds\x88\x01\x01\x12(\n" +
+	"\rfused_sampler\x18\x1b \x01(\bH\x1aR\ffusedSampler\x88\x01\x01\x12*\n" +
+	"\x0enative_kernels\x18\x1c \x01(\bH\x1bR\rnativeKernels\x88\x01\x01\x12\x1f\n" +
+	"\bjemalloc\x18\x1d \x01(\bH\x1cR\bjemalloc\x88\x01\x01B\x11\n" +
 	"\x0f_max_batch_sizeB\x16\n" +
 	"\x14_max_queued_requestsB\x15\n" +
 	"\x13_prefill_batch_sizeB\x14\n" +
@@ -1002,7 +1041,10 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x13_max_request_tokensB\x13\n" +
 	"\x11_max_stop_stringsB\x16\n" +
 	"\x14_max_engine_restartsB!\n" +
-	"\x1f_engine_restart_backoff_seconds\"\xb2\x04\n" +
+	"\x1f_engine_restart_backoff_secondsB\x10\n" +
+	"\x0e_fused_samplerB\x11\n" +
+	"\x0f_native_kernelsB\v\n" +
+	"\t_jemalloc\"\xb2\x04\n" +
 	"\x11TelemetrySettings\x12%\n" +
 	"\aenabled\x18\x01 \x01(\bB\x06\xbaH\x03\xc8\x01\x01H\x00R\aenabled\x88\x01\x01\x12\xaf\x01\n" +
 	"\fservice_name\x18\x02 \x01(\tB\x86\x01\xbaH\x82\x01\xba\x01\x7f\n" +
