@@ -67,7 +67,14 @@ def poison_seed(worker: Worker, seed: int) -> None:
 
         return sample
 
+    eligible = module.fused_eligible
+
+    def fused_eligible(params, constrained, min_tokens):
+        # The poisoned row must get mlx-lm's sampler (from make_sampler), not the fused one.
+        return params.seed != seed and eligible(params, constrained, min_tokens)
+
     module.make_sampler = make_sampler
+    module.fused_eligible = fused_eligible
 
 
 def break_loop(worker: Worker) -> None:
