@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 
 from . import report
@@ -89,26 +88,16 @@ async def measure(args) -> dict[tuple[int, str], list[float]]:
 
 def run(args) -> dict:
     runs = asyncio.run(measure(args))
-    rows = [
-        {
-            "streams": streams,
-            "variant": variant,
-            "tok_s": statistics.median(values),
-            "tok_s_rounds": values,
-        }
-        for (streams, variant), values in runs.items()
-    ]
-    ratios = []
-    for streams in args.concurrency:
-        free, constrained = runs[(streams, FREE)], runs[(streams, CONSTRAINED)]
-        ratios.append(
-            report.ratio_entry(
-                f"constrained/free at {streams} streams",
-                statistics.median(constrained) / statistics.median(free),
-                [c / f for f, c in zip(free, constrained, strict=True)],
-                metric="tok_s",
-            )
+    rows = report.streams_rows(runs)
+    ratios = [
+        report.median_ratio(
+            f"constrained/free at {streams} streams",
+            runs[(streams, CONSTRAINED)],
+            runs[(streams, FREE)],
+            metric="tok_s",
         )
+        for streams in args.concurrency
+    ]
     widest = ratios[-1]
     checks = [
         report.check_entry(

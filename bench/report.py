@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -47,6 +48,29 @@ def make_report(
 def ratio_entry(name: str, value: float | None, per_round: Sequence[float] = (), **labels) -> dict:
     """`name` is "a/b": how many times b's figure a's is."""
     return {**labels, "name": name, "value": value, "per_round": list(per_round)}
+
+
+def median_ratio(name: str, numerator: list[float], denominator: list[float], **labels) -> dict:
+    """The ratio of two variants' medians, with the ratio of every round beside it."""
+    return ratio_entry(
+        name,
+        statistics.median(numerator) / statistics.median(denominator),
+        [n / d for n, d in zip(numerator, denominator, strict=True)],
+        **labels,
+    )
+
+
+def streams_rows(runs: dict[tuple[int, str], list[float]]) -> list[dict]:
+    """One row per (streams, variant): tok/s, the median and every round's."""
+    return [
+        {
+            "streams": streams,
+            "variant": variant,
+            "tok_s": statistics.median(values),
+            "tok_s_rounds": values,
+        }
+        for (streams, variant), values in runs.items()
+    ]
 
 
 def check_entry(name: str, value, target: str | None = None, met: bool | None = None) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import time
 
 from . import report
@@ -108,28 +107,17 @@ async def measure(args) -> dict[tuple[int, str], list[float]]:
 
 def run(args) -> dict:
     runs = asyncio.run(measure(args))
-    rows = [
-        {
-            "streams": streams,
-            "variant": variant,
-            "tok_s": statistics.median(values),
-            "tok_s_rounds": values,
-        }
-        for (streams, variant), values in runs.items()
+    rows = report.streams_rows(runs)
+    ratios = [
+        report.median_ratio(
+            f"native/{other} at {streams} streams",
+            runs[(streams, "native")],
+            runs[(streams, other)],
+            metric="tok_s",
+        )
+        for streams in args.concurrency
+        for other in ("fused", "per-row")
     ]
-    ratios = []
-    for streams in args.concurrency:
-        native = runs[(streams, "native")]
-        for other in ("fused", "per-row"):
-            base = runs[(streams, other)]
-            ratios.append(
-                report.ratio_entry(
-                    f"native/{other} at {streams} streams",
-                    statistics.median(native) / statistics.median(base),
-                    [n / b for b, n in zip(base, native, strict=True)],
-                    metric="tok_s",
-                )
-            )
     widest = [r for r in ratios if r["name"] == f"native/fused at {args.concurrency[-1]} streams"]
     checks = [
         report.check_entry(
