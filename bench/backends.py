@@ -24,10 +24,14 @@ def stock_generator(model, config: EngineConfig):
     same batching, none of our code."""
     from mlx_lm.generate import BatchGenerator
 
+    from mlx_serving.engine.capacity import model_capacity
+
+    # max_batch_size 0: what the engine would derive (its context read from the config there;
+    # both are capped by capacity_context_tokens, so the same for any real model).
     return BatchGenerator(
         model,
         stop_tokens=None,
-        completion_batch_size=config.max_batch_size,
+        completion_batch_size=model_capacity(model, 0, config).batch_size,
         prefill_batch_size=config.prefill_batch_size,
         prefill_step_size=config.prefill_step_size,
     )

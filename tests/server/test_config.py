@@ -133,7 +133,7 @@ def test_telemetry_boundaries_from_the_environment():
     [
         ("server.port", [0, 65535], [-1, 65536], between(0, 65535)),
         ("server.shutdown_grace_seconds", [0, 3600], [-0.5, 3600.5], between(0, 3600)),
-        ("engine.max_batch_size", [1, 1024], [0, 1025], between(1, 1024)),
+        ("engine.max_batch_size", [0, 1024], [-1, 1025], between(0, 1024)),
         ("engine.max_queued_requests", [0, 100000], [-1, 100001], between(0, 100000)),
         ("engine.prefill_batch_size", [1, 1024], [0, 1025], between(1, 1024)),
         ("engine.prefill_step_size", [16, 65536], [15, 65537], between(16, 65536)),
@@ -144,7 +144,7 @@ def test_telemetry_boundaries_from_the_environment():
         ("engine.wedge_timeout_seconds", [1, 86400], [0.5, 86401], between(1, 86400)),
         ("engine.prefill_gather_seconds", [0, 1], [-0.001, 1.001], between(0, 1)),
         # Beyond the field's 32 or 64 bits: still reported by the range rule.
-        ("engine.max_batch_size", [], [2**31, -(2**70)], between(1, 1024)),
+        ("engine.max_batch_size", [], [2**31, -(2**70)], between(0, 1024)),
         ("engine.prefix_cache_bytes", [], [2**64, 2**100], between(0, 2**40)),
     ],
 )
@@ -242,7 +242,8 @@ def test_every_number_has_both_bounds():
             "chat_template_workers, chat_template_timeout_seconds, max_concurrent_tokenize, "
             "max_tokenize_bytes, max_constraint_bytes, max_prompt_tokens, max_generation_tokens, "
             "max_request_tokens, max_stop_strings, max_engine_restarts, "
-            "engine_restart_backoff_seconds, fused_sampler, native_kernels, jemalloc)",
+            "engine_restart_backoff_seconds, fused_sampler, native_kernels, jemalloc, "
+            "max_kv_bytes, kv_memory_fraction, capacity_context_tokens)",
         ),
         (
             {
@@ -470,8 +471,8 @@ def test_model_flags_replace_the_file_models(tmp_path):
     ("argv", "message"),
     [
         (
-            ["--max-batch-size", "0"],
-            f"argument --max-batch-size: engine.max_batch_size: {between(1, 1024)}",
+            ["--max-batch-size", "-1"],
+            f"argument --max-batch-size: engine.max_batch_size: {between(0, 1024)}",
         ),
         (["--prometheus-port", "80"], f"telemetry.prometheus_port: {between(1024, 65535)}"),
         (["--port", "x"], "argument --port: server.port: expected an integer, got 'x'"),

@@ -7,8 +7,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineConfig:
-    # Most sequences decoded together per model (mlx-lm's completion_batch_size).
-    max_batch_size: int = 32
+    # Most sequences decoded together per model (mlx-lm's completion_batch_size); 0: derived
+    # at each model's load from the memory its KV caches may take (see capacity.py).
+    max_batch_size: int = 0
+    # The KV-cache bytes a model's running sequences may reserve together (each its prompt
+    # plus max_tokens); past it, arrivals wait. 0: kv_memory_fraction of the memory free at
+    # the model's load.
+    max_kv_bytes: int = 0
+    # The share of free memory (less the weights) a model's KV caches may take when
+    # max_kv_bytes is 0; the rest covers batch padding, activations and the prefix cache.
+    kv_memory_fraction: float = 0.5
+    # The tokens a typical sequence holds (prompt and reply), which a derived batch size is
+    # sized for; no more than the model's context.
+    capacity_context_tokens: int = 2048
     # Requests allowed to wait for a batch slot; beyond them new requests are refused.
     max_queued_requests: int = 256
     # Most prompts prefilled together per model.

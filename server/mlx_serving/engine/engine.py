@@ -469,7 +469,9 @@ class Engine:
         self, request: GenerationRequest, internal: bool
     ) -> AsyncGenerator[GenerationChunk, None]:
         info = self._ready_model(request.model_id)
-        if self._active + request.n > self.config.max_batch_size + self.config.max_queued_requests:
+        # max_batch_size 0: the model's own, derived when it loaded.
+        batch_size = self.config.max_batch_size or info.max_batch_size
+        if self._active + request.n > batch_size + self.config.max_queued_requests:
             raise EngineOverloaded(self.config.retry_after_seconds)
         self._active += request.n
         try:

@@ -85,3 +85,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     generation_defaults: GenerationDefaults = GenerationDefaults()
+    # Most sequences decoded together, and the KV bytes they may reserve: configured, or
+    # derived from memory when the model loaded (see capacity.py); 0 until it has.
+    max_batch_size: int = 0
+    max_kv_bytes: int = 0

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -19,6 +19,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 from .admission import Admission
 from .batch_cache import make_cache
+from .capacity import Capacity, format_bytes, model_capacity
 from .config import EngineConfig
 from .constraints import ConstrainedRow, Constraints, MaskBatch
 from .detokenizer import StreamingDetokenizer
@@ -92,6 +93,11 @@ class Sequence:
     forks: list["Sequence"] = field(default_factory=list)
 
     @property
+    def kv_tokens(self) -> int:
+        """The most tokens its KV cache can hold: what it reserves of the KV budget."""
+        return len(self.prompt) + self.max_tokens
+
+    @property
     def blocked(self) -> bool:
         """Waiting for its matcher to compile or its leader's prefill."""
         return self.compiling is not None or self.leader is not None
@@ -102,6 +108,7 @@ class ModelSlot:
     """A loaded model with its batch generator and the sequences it runs."""
 
     loaded: LoadedModel
+    capacity: Capacity
     generator: BatchGenerator
     # Constrained rows of the step in progress, whose masks are filled together.
     masks: MaskBatch
@@ -202,9 +209,11 @@ class Scheduler:
     def add_model(self, loaded: LoadedModel, load_seconds: float = 0.0) -> None:
         """Serve `loaded` (from `loading.load_model`, or read a piece at a time by the worker)."""
         special_ids = frozenset(loaded.tokenizer.all_special_ids)
+        capacity = self._capacity(loaded)
         slot = ModelSlot(
             loaded,
-            self._generator(loaded),
+            capacity,
+            self._generator(loaded, capacity.batch_size),
             MaskBatch(self.constraints.executor),
             Pieces(loaded.tokenizer),
             special_ids=special_ids,
@@ -217,12 +226,37 @@ class Scheduler:
         """`item`: a final GenerationChunk, an error, or END (see `_advance` for the others)."""
         self._deliveries.append((sequence.rid, item))
 
-    def _generator(self, loaded: LoadedModel) -> BatchGenerator:
+    def _capacity(self, loaded: LoadedModel) -> Capacity:
+        """The model's batch size and KV budget (configured or derived from memory now), told
+        to the log and put on its info."""
+        info = loaded.info
+        with mx.stream(self.stream):
+            capacity = model_capacity(loaded.model, info.context_length, self.config)
+        log.info(
+            "%s: %s of KV cache per token; KV budget %s (%s); batch size %d (%s, sized for "
+            "%d-token sequences)",
+            info.model_id,
+            format_bytes(capacity.kv_bytes_per_token),
+            format_bytes(capacity.kv_budget),
+            "configured"
+            if capacity.free_bytes is None
+            else f"{self.config.kv_memory_fraction:g} of {format_bytes(capacity.free_bytes)} free",
+            capacity.batch_size,
+            "configured" if self.config.max_batch_size else "derived",
+            capacity.context_tokens,
+        )
+        loaded.info = replace(
+            info, max_batch_size=capacity.batch_size, max_kv_bytes=capacity.kv_budget
+        )
+        return capacity
+
+    def _generator(self, loaded: LoadedModel, batch_size: int) -> BatchGenerator:
         generator = BatchGenerator(
             loaded.model,
             stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
-            completion_batch_size=self.config.max_batch_size,
-            prefill_batch_size=self.config.prefill_batch_size,
+            completion_batch_size=batch_size,
+            # mlx-lm decodes max(completion, prefill) sequences: keep the batch size a cap.
+            prefill_batch_size=min(self.config.prefill_batch_size, batch_size),
             prefill_step_size=self.config.prefill_step_size,
             stream=self.stream,
         )
@@ -385,6 +419,7 @@ class Scheduler:
         (host-bound work that stalls every running sequence). So arrivals wait for company:
         until a full prefill batch (or every free slot) is waiting, or the oldest has waited
         `prefill_gather_seconds`. An idle model starts at once (its arrivals were coalesced).
+        Only those that fit the model's KV budget join (see `admissible`).
         """
         if not slot.waiting:
             return
@@ -392,14 +427,18 @@ class Scheduler:
         if not waiting:
             return
         running = len(slot.sequences)
-        company = min(self.config.prefill_batch_size, self.config.max_batch_size - running)
+        company = min(self.config.prefill_batch_size, slot.capacity.batch_size - running)
         if (
             running
             and len(waiting) < company
             and now - waiting[0].arrival < self.config.prefill_gather_seconds
         ):
             return
-        slot.waiting = [s for s in slot.waiting if s.blocked]
+        waiting = admissible(slot, waiting)
+        if not waiting:
+            return
+        joining = set(waiting)
+        slot.waiting = [s for s in slot.waiting if s.blocked or s not in joining]
         args = [sequence.generator_args for sequence in waiting]
         uids = slot.generator.insert(
             **{key: [a[key] for a in args] for key in args[0]},
@@ -498,7 +537,8 @@ class Scheduler:
             if sequence not in slot.waiting:
                 self._end(slot, sequence, SequenceFailed(sequence.request.request_id))
         slot.generator.close()
-        slot.generator, slot.pending = self._generator(slot.loaded), None
+        slot.generator = self._generator(slot.loaded, slot.capacity.batch_size)
+        slot.pending = None
         slot.masks.active.clear()
 
     def _step(self, slot: ModelSlot) -> None:
@@ -748,6 +788,29 @@ class Scheduler:
                 self._end(slot, sequence, error)
 
 
+def admissible(slot: ModelSlot, waiting: list[Sequence]) -> list[Sequence]:
+    """The oldest of `waiting` whose KV caches fit the model's budget beside the sequences
+    in the batch; the rest wait (they are not refused) until running ones finish.
+
+    Each sequence reserves its prompt plus max_tokens, the most it can hold, so a batch never
+    outgrows its budget as it decodes (batch padding is not counted: the memory kept out of
+    the budget covers it). First come, first served: a sequence that does not fit holds back
+    those behind it, so short prompts do not starve a long one. With nothing running, the
+    oldest joins whatever its size, and runs alone: a request larger than the budget is slow,
+    not refused.
+    """
+    budget, per_token = slot.capacity.kv_budget, slot.capacity.kv_bytes_per_token
+    reserved = sum(s.kv_tokens for s in slot.sequences.values()) * per_token
+    joining: list[Sequence] = []
+    for sequence in waiting:
+        need = sequence.kv_tokens * per_token
+        if (slot.sequences or joining) and reserved + need > budget:
+            break
+        joining.append(sequence)
+        reserved += need
+    return joining
+
+
 def live_rows(slot: ModelSlot, responses: list) -> list[tuple[Sequence, Any]]:
     """Each response paired with its sequence, if that sequence still runs."""
     rows = []
@@ -863,6 +926,8 @@ def loaded_event(loaded: LoadedModel, seconds: float) -> Event:
         "dtype": info.dtype,
         "architecture": info.architecture,
         "load_seconds": f"{seconds:.3f}",
+        "max_batch_size": str(info.max_batch_size),
+        "max_kv_bytes": str(info.max_kv_bytes),
     }
     return Event(
         ModelLoaded(

@@ -405,10 +405,15 @@ async def serve(config: config_pb.Config) -> int:
 def serving_summary(app: ServingApp, config: config_pb.Config) -> str:
     """What is served, where it runs and how it batches: the rest of the startup line, after
     the address (`mlx-serving listening on HOST:PORT: ...`)."""
-    model_ids = ", ".join(info.model_id for info in app.engine.list_models())
+    infos = app.engine.list_models()
+    model_ids = ", ".join(info.model_id for info in infos)
     settings = config.engine
+    batch_size = str(settings.max_batch_size)
+    if not settings.max_batch_size:  # each model's own, derived from memory at its load
+        derived = ", ".join(f"{info.model_id} {info.max_batch_size}" for info in infos)
+        batch_size = f"from memory ({derived})" if derived else "from memory"
     return (
-        f"serving {model_ids} on {mlx_device()}: max batch size {settings.max_batch_size}, "
+        f"serving {model_ids} on {mlx_device()}: max batch size {batch_size}, "
         f"prefill batch size {settings.prefill_batch_size}, "
         f"max queued requests {settings.max_queued_requests}"
     )

@@ -45,7 +45,6 @@ DEFAULT_LOG_LEVEL = "info"
 # A 4 MiB prompt (the contract's largest) and the rest of its request.
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 DEFAULT_MAX_LOADED_MODELS = 16
-
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 
@@ -119,7 +118,7 @@ def default_config() -> config_pb.Config:
             max_loaded_models=DEFAULT_MAX_LOADED_MODELS,
             max_loaded_bytes=0,
         ),
-        engine=config_pb.EngineSettings(**{k: getattr(engine, k) for k in engine_keys()}),
+        engine=config_pb.EngineSettings(**{key: getattr(engine, key) for key in engine_keys()}),
         telemetry=config_pb.TelemetrySettings(
             enabled=False,
             service_name=DEFAULT_SERVICE_NAME,

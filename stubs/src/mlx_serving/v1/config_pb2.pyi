@@ -79,7 +79,7 @@ class SecuritySettings(_message.Message):
     def __init__(self, tokens_file: _Optional[str] = ..., tokens_env: _Optional[str] = ..., protect_health: _Optional[bool] = ..., allow_loading: _Optional[bool] = ..., model_roots: _Optional[_Iterable[str]] = ..., allow_hugging_face: _Optional[bool] = ..., hugging_face_organizations: _Optional[_Iterable[str]] = ..., trust_remote_code: _Optional[bool] = ..., max_loaded_models: _Optional[int] = ..., max_loaded_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes", "max_constraint_bytes", "max_prompt_tokens", "max_generation_tokens", "max_request_tokens", "max_stop_strings", "max_engine_restarts", "engine_restart_backoff_seconds", "fused_sampler", "native_kernels", "jemalloc")
+    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes", "max_constraint_bytes", "max_prompt_tokens", "max_generation_tokens", "max_request_tokens", "max_stop_strings", "max_engine_restarts", "engine_restart_backoff_seconds", "fused_sampler", "native_kernels", "jemalloc", "max_kv_bytes", "kv_memory_fraction", "capacity_context_tokens")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,9 @@ class EngineSettings(_message.Message):
     FUSED_SAMPLER_FIELD_NUMBER: _ClassVar[int]
     NATIVE_KERNELS_FIELD_NUMBER: _ClassVar[int]
     JEMALLOC_FIELD_NUMBER: _ClassVar[int]
+    MAX_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_MEMORY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queued_requests: int
     prefill_batch_size: int
@@ -138,7 +141,10 @@ class EngineSettings(_message.Message):
     fused_sampler: bool
     native_kernels: bool
     jemalloc: bool
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_generation_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_engine_restarts: _Optional[int] = ..., engine_restart_backoff_seconds: _Optional[float] = ..., fused_sampler: _Optional[bool] = ..., native_kernels: _Optional[bool] = ..., jemalloc: _Optional[bool] = ...) -> None: ...
+    max_kv_bytes: int
+    kv_memory_fraction: float
+    capacity_context_tokens: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_generation_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_engine_restarts: _Optional[int] = ..., engine_restart_backoff_seconds: _Optional[float] = ..., fused_sampler: _Optional[bool] = ..., native_kernels: _Optional[bool] = ..., jemalloc: _Optional[bool] = ..., max_kv_bytes: _Optional[int] = ..., kv_memory_fraction: _Optional[float] = ..., capacity_context_tokens: _Optional[int] = ...) -> None: ...
 
 class TelemetrySettings(_message.Message):
     __slots__ = ("enabled", "service_name", "prometheus_port", "export_interval_ms", "otlp_endpoint", "prometheus_host")

@@ -434,7 +434,9 @@ func (x *SecuritySettings) GetMaxLoadedBytes() int64 {
 // EngineSettings configures the engine (one batch per model, on one thread).
 type EngineSettings struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Most sequences decoded together per model. Default 32.
+	// Most sequences decoded together per model; 0 (the default): derived at each model's load
+	// from the memory its KV cache may take (max_kv_bytes over capacity_context_tokens' worth of
+	// KV cache, 1 to 1024), logged and shown in the model's load event.
 	MaxBatchSize *int32 `protobuf:"varint,1,opt,name=max_batch_size,json=maxBatchSize,proto3,oneof" json:"max_batch_size,omitempty"`
 	// Requests allowed to wait for a batch slot; beyond them, new requests get RESOURCE_EXHAUSTED.
 	// Default 256.
@@ -526,9 +528,20 @@ type EngineSettings struct {
 	// Whether the engine process allocates with jemalloc (preloaded, returning freed pages at
 	// once) when the system has it (Debian: libjemalloc2): glibc's heap fragments under the
 	// engine's ever-changing buffers and grows over hours of load. Default true.
-	Jemalloc      *bool `protobuf:"varint,29,opt,name=jemalloc,proto3,oneof" json:"jemalloc,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Jemalloc *bool `protobuf:"varint,29,opt,name=jemalloc,proto3,oneof" json:"jemalloc,omitempty"`
+	// KV-cache bytes a model's running sequences may reserve together (each its prompt plus
+	// max_tokens); past it, new sequences wait (the oldest first; one alone always runs). 0 (the
+	// default): kv_memory_fraction of the memory free at the model's load.
+	MaxKvBytes *int64 `protobuf:"varint,30,opt,name=max_kv_bytes,json=maxKvBytes,proto3,oneof" json:"max_kv_bytes,omitempty"`
+	// Share of the memory free at a model's load (its weights already out of it) that its KV
+	// caches may take when max_kv_bytes is 0; the rest covers batch padding, activations and the
+	// prefix cache. Default 0.5.
+	KvMemoryFraction *float64 `protobuf:"fixed64,31,opt,name=kv_memory_fraction,json=kvMemoryFraction,proto3,oneof" json:"kv_memory_fraction,omitempty"`
+	// Tokens a typical sequence holds (prompt and reply): a derived max_batch_size is the KV
+	// budget over this many tokens' KV cache, capped by the model's context. Default 2048.
+	CapacityContextTokens *int32 `protobuf:"varint,32,opt,name=capacity_context_tokens,json=capacityContextTokens,proto3,oneof" json:"capacity_context_tokens,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *EngineSettings) Reset() {
@@ -764,6 +777,27 @@ func (x *EngineSettings) GetJemalloc() bool {
 	return false
 }
 
+func (x *EngineSettings) GetMaxKvBytes() int64 {
+	if x != nil && x.MaxKvBytes != nil {
+		return *x.MaxKvBytes
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetKvMemoryFraction() float64 {
+	if x != nil && x.KvMemoryFraction != nil {
+		return *x.KvMemoryFraction
+	}
+	return 0
+}
+
+func (x *EngineSettings) GetCapacityContextTokens() int32 {
+	if x != nil && x.CapacityContextTokens != nil {
+		return *x.CapacityContextTokens
+	}
+	return 0
+}
+
 // TelemetrySettings configures metrics (a Prometheus endpoint) and trace export (OTLP).
 type TelemetrySettings struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -978,10 +1012,10 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x13_allow_hugging_faceB\x14\n" +
 	"\x12_trust_remote_codeB\x14\n" +
 	"\x12_max_loaded_modelsB\x13\n" +
-	"\x11_max_loaded_bytes\"\xc5\x14\n" +
+	"\x11_max_loaded_bytes\"\xd7\x16\n" +
 	"\x0eEngineSettings\x125\n" +
 	"\x0emax_batch_size\x18\x01 \x01(\x05B\n" +
-	"\xbaH\a\x1a\x05\x18\x80\b(\x01H\x00R\fmaxBatchSize\x88\x01\x01\x12@\n" +
+	"\xbaH\a\x1a\x05\x18\x80\b(\x00H\x00R\fmaxBatchSize\x88\x01\x01\x12@\n" +
 	"\x13max_queued_requests\x18\x02 \x01(\x05B\v\xbaH\b\x1a\x06\x18\xa0\x8d\x06(\x00H\x01R\x11maxQueuedRequests\x88\x01\x01\x12=\n" +
 	"\x12prefill_batch_size\x18\x03 \x01(\x05B\n" +
 	"\xbaH\a\x1a\x05\x18\x80\b(\x01H\x02R\x10prefillBatchSize\x88\x01\x01\x12<\n" +
@@ -1015,7 +1049,11 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x1eengine_restart_backoff_seconds\x18\x1a \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\xc0\x82@)\x00\x00\x00\x00\x00\x00\x00\x00H\x19R\x1bengineRestartBackoffSeconds\x88\x01\x01\x12(\n" +
 	"\rfused_sampler\x18\x1b \x01(\bH\x1aR\ffusedSampler\x88\x01\x01\x12*\n" +
 	"\x0enative_kernels\x18\x1c \x01(\bH\x1bR\rnativeKernels\x88\x01\x01\x12\x1f\n" +
-	"\bjemalloc\x18\x1d \x01(\bH\x1cR\bjemalloc\x88\x01\x01B\x11\n" +
+	"\bjemalloc\x18\x1d \x01(\bH\x1cR\bjemalloc\x88\x01\x01\x125\n" +
+	"\fmax_kv_bytes\x18\x1e \x01(\x03B\x0e\xbaH\v\"\t\x18\x80\x80\x80\x80\x80 (\x00H\x1dR\n" +
+	"maxKvBytes\x88\x01\x01\x12J\n" +
+	"\x12kv_memory_fraction\x18\x1f \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?!\x00\x00\x00\x00\x00\x00\x00\x00H\x1eR\x10kvMemoryFraction\x88\x01\x01\x12I\n" +
+	"\x17capacity_context_tokens\x18  \x01(\x05B\f\xbaH\t\x1a\a\x18\x80\x80\x80\b(\x10H\x1fR\x15capacityContextTokens\x88\x01\x01B\x11\n" +
 	"\x0f_max_batch_sizeB\x16\n" +
 	"\x14_max_queued_requestsB\x15\n" +
 	"\x13_prefill_batch_sizeB\x14\n" +
@@ -1044,7 +1082,10 @@ const file_mlx_serving_v1_config_proto_rawDesc = "" +
 	"\x1f_engine_restart_backoff_secondsB\x10\n" +
 	"\x0e_fused_samplerB\x11\n" +
 	"\x0f_native_kernelsB\v\n" +
-	"\t_jemalloc\"\xb2\x04\n" +
+	"\t_jemallocB\x0f\n" +
+	"\r_max_kv_bytesB\x15\n" +
+	"\x13_kv_memory_fractionB\x1a\n" +
+	"\x18_capacity_context_tokens\"\xb2\x04\n" +
 	"\x11TelemetrySettings\x12%\n" +
 	"\aenabled\x18\x01 \x01(\bB\x06\xbaH\x03\xc8\x01\x01H\x00R\aenabled\x88\x01\x01\x12\xaf\x01\n" +
 	"\fservice_name\x18\x02 \x01(\tB\x86\x01\xbaH\x82\x01\xba\x01\x7f\n" +
