@@ -96,9 +96,11 @@ MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 # glibc's heap still fragments under that threshold: a 64-stream soak grew the engine by ~15 MiB
 # a minute (malloc_trim every few seconds included) while jemalloc's heap profile of the same
-# run showed live bytes flat. With jemalloc, returning freed pages at once, the engine's RSS
+# run showed live bytes flat. With jemalloc returning freed pages promptly, the engine's RSS
 # stayed flat at the same speed (docs/RELIABILITY.md). Preloaded into the engine process only.
-JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"
+# Freed pages go back after a second; returning them at once as well as on a background thread
+# (decay 0 with background_thread) stalled a slow reader's stream in tests (slow_readers.py).
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
 
 def allocator_environment(config: EngineConfig) -> dict[str, str]:
