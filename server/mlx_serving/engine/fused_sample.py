@@ -68,13 +68,13 @@ def fused_sample(
         keys,
         mask,
     )
-    # Checked here for both paths: the op checks too, but an exception thrown by the CUDA build
-    # of the extension crashed the process on the GPU machine (native/README.md).
-    _validate(*arguments)
     module = _native_here()
-    if module is not None:
-        return module.fused_sample(*arguments)
-    return _fallback(*arguments)
+    if module is None:
+        return fallback(*arguments)
+    # Checked here too: the op checks, but an exception thrown by the CUDA build of the
+    # extension crashed the process on the GPU machine (native/README.md).
+    _validate(*arguments)
+    return module.fused_sample(*arguments)
 
 
 def uses_native() -> bool:
@@ -121,38 +121,6 @@ def fallback(
         keys,
         mask,
     )
-    return _fallback(
-        logits,
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        history,
-        repetition_penalty,
-        presence_penalty,
-        frequency_penalty,
-        bias_ids,
-        bias_values,
-        keys,
-        mask,
-    )
-
-
-def _fallback(
-    logits: mx.array,
-    temperature: mx.array,
-    top_k: mx.array,
-    top_p: mx.array,
-    min_p: mx.array,
-    history: mx.array,
-    repetition_penalty: mx.array,
-    presence_penalty: mx.array,
-    frequency_penalty: mx.array,
-    bias_ids: mx.array,
-    bias_values: mx.array,
-    keys: mx.array,
-    mask: mx.array | None,
-) -> mx.array:
     B, V = logits.shape
     if B == 0:
         return mx.zeros((0,), mx.int32)
