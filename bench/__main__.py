@@ -26,6 +26,9 @@ SUBCOMMANDS = {
     "constrained": "constrained",
     "sampling": "sampling",
     "sampled": "sampled",
+    "speculative": "speculative",
+    "cold-start": "cold_start",
+    "long-prompt": "long_prompt",
 }
 
 

@@ -133,6 +133,7 @@ def test_telemetry_boundaries_from_the_environment():
     [
         ("server.port", [0, 65535], [-1, 65536], between(0, 65535)),
         ("server.shutdown_grace_seconds", [0, 3600], [-0.5, 3600.5], between(0, 3600)),
+        ("server.drain_delay_seconds", [0, 600], [-0.5, 600.5], between(0, 600)),
         ("engine.max_batch_size", [0, 1024], [-1, 1025], between(0, 1024)),
         ("engine.max_queued_requests", [0, 100000], [-1, 100001], between(0, 100000)),
         ("engine.prefill_batch_size", [1, 1024], [0, 1025], between(1, 1024)),
@@ -243,7 +244,8 @@ def test_every_number_has_both_bounds():
             "max_tokenize_bytes, max_constraint_bytes, max_prompt_tokens, max_generation_tokens, "
             "max_request_tokens, max_stop_strings, max_engine_restarts, "
             "engine_restart_backoff_seconds, fused_sampler, native_kernels, jemalloc, "
-            "max_kv_bytes, kv_memory_fraction, capacity_context_tokens)",
+            "max_kv_bytes, kv_memory_fraction, capacity_context_tokens, prefill_buckets, "
+            "prefill_pacing)",
         ),
         (
             {
@@ -311,13 +313,13 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert problems(env, path, models=[{}]) == [
         "server.hots: unknown key (allowed: host, port, shutdown_grace_seconds, log_level, "
         "max_response_bytes, tls, max_request_bytes, max_streams_per_client, "
-        "max_subscriptions_per_client)",
+        "max_subscriptions_per_client, drain_delay_seconds)",
         "engine.max_batch_size: expected an integer, got str 'a'",
         "MLX_SERVING_SERVER_PROT: unknown variable (allowed: MLX_SERVING_SERVER_HOST, "
         "MLX_SERVING_SERVER_PORT, MLX_SERVING_SERVER_SHUTDOWN_GRACE_SECONDS, "
         "MLX_SERVING_SERVER_LOG_LEVEL, MLX_SERVING_SERVER_MAX_RESPONSE_BYTES, "
         "MLX_SERVING_SERVER_MAX_REQUEST_BYTES, MLX_SERVING_SERVER_MAX_STREAMS_PER_CLIENT, "
-        "MLX_SERVING_SERVER_MAX_SUBSCRIPTIONS_PER_CLIENT)",
+        "MLX_SERVING_SERVER_MAX_SUBSCRIPTIONS_PER_CLIENT, MLX_SERVING_SERVER_DRAIN_DELAY_SECONDS)",
         f"server.port: {between(0, 65535)}",
         "telemetry.enabled: value is required",
         f"telemetry.prometheus_port: {between(1024, 65535)}",
@@ -618,6 +620,7 @@ def test_config_print(tmp_path):
         "max_request_bytes": 8388608,
         "max_streams_per_client": 64,
         "max_subscriptions_per_client": 4,
+        "drain_delay_seconds": 0.0,
     }
     assert printed["engine"]["max_batch_size"] == 8
     assert printed["telemetry"]["service_name"] == "svc_1"

@@ -51,6 +51,7 @@ STRINGS = {
     "security.hugging_face_organizations": st.from_regex(r"[A-Za-z0-9-]{1,20}", fullmatch=True),
     "server.host": addresses,
     "server.log_level": st.sampled_from(["debug", "info", "warning", "error"]),
+    "engine.prefill_buckets": st.sampled_from(["auto", "on", "off"]),
     "telemetry.service_name": st.from_regex(r"[A-Za-z0-9_-]{1,100}", fullmatch=True),
     "telemetry.otlp_endpoint": st.one_of(st.just(""), uris),
     "telemetry.prometheus_host": addresses,

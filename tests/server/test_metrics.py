@@ -15,6 +15,7 @@ from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.models import ModelSource
 from mlx_serving.engine.observer import EngineObserver
 from mlx_serving.server.app import ServingApp
+from mlx_serving.server.metrics import Metrics, MetricsObserver
 from mlx_serving.server.telemetry import (
     DEADLINE_SLACK_S,
     TelemetrySettings,
@@ -255,6 +256,82 @@ async def test_an_expired_deadline_counts_as_deadline_exceeded(app, channel):
     assert pick(samples, finished) == {
         sample("requests_finished_total", model=MODEL_ID, finish_reason="cancelled"): 1
     }
+
+
+def router(name: str) -> tuple[str, frozenset]:
+    """A sample of the vLLM-named gauges a router scrapes, for the model."""
+    return "vllm:" + name, frozenset({("model_name", MODEL_ID)})
+
+
+ROUTER_NAMES = (
+    "num_requests_waiting",
+    "num_requests_running",
+    "kv_cache_usage_perc",
+    "gpu_cache_usage_perc",
+)
+
+
+@session_loop
+async def test_router_gauges_have_vllm_names_and_follow_a_running_stream(app, channel):
+    """The names GIE's endpoint picker reads by default, with vLLM's model_name label."""
+    await wait_until_idle(app.engine)
+    samples = await scrape(app)
+    assert {name: samples.get(router(name)) for name in ROUTER_NAMES} == dict.fromkeys(
+        ROUTER_NAMES, 0
+    )
+    assert samples[sample("kv_cache_budget_bytes", model=MODEL_ID)] > 0
+    assert samples[sample("kv_cache_reserved_bytes", model=MODEL_ID)] == 0
+
+    stream = generate_grpc.GenerateServiceStub(channel).Generate(request(OTHER_PROMPT, 100_000))
+    await stream.read()  # running: its KV cache reserves prompt + max_tokens of the budget
+    samples = await scrape_until(
+        app, lambda samples: samples.get(router("kv_cache_usage_perc"), 0) > 0
+    )
+    assert samples[router("num_requests_running")] == 1
+    assert samples[router("num_requests_waiting")] == 0
+    usage = samples[router("kv_cache_usage_perc")]
+    budget = samples[sample("kv_cache_budget_bytes", model=MODEL_ID)]
+    reserved = samples[sample("kv_cache_reserved_bytes", model=MODEL_ID)]
+    assert 0 < usage <= 1 and samples[router("gpu_cache_usage_perc")] == usage
+    assert usage == min(1, reserved / budget)
+
+    stream.cancel()
+    await wait_until_idle(app.engine)
+    samples = await scrape_until(
+        app, lambda samples: samples.get(router("kv_cache_usage_perc")) == 0
+    )
+    assert {name: samples.get(router(name)) for name in ROUTER_NAMES} == dict.fromkeys(
+        ROUTER_NAMES, 0
+    )
+    assert samples[sample("kv_cache_reserved_bytes", model=MODEL_ID)] == 0
+
+
+def test_kv_usage_is_the_share_of_the_budget_and_an_unloaded_model_leaves_no_series():
+    metrics = Metrics()
+    observer = MetricsObserver(metrics)
+    observer.kv_cache("a", 0, 1000)
+    observer.request_queued("a")
+    observer.request_queued("a")
+    observer.request_started("a", 0.1)
+    observer.kv_cache("a", 250, 1000)
+    value = metrics.registry.get_sample_value
+    labels = {"model_name": "a"}
+    assert value("vllm:num_requests_waiting", labels) == 1
+    assert value("vllm:num_requests_running", labels) == 1
+    assert value("vllm:kv_cache_usage_perc", labels) == 0.25
+    # A generation larger than the whole budget runs alone: the share stays within 0..1.
+    observer.kv_cache("a", 3000, 1000)
+    assert value("vllm:kv_cache_usage_perc", labels) == 1
+    assert value("mlx_serving_kv_cache_reserved_bytes", {"model": "a"}) == 3000
+
+    observer.kv_cache("a", 0, 0)  # unloaded
+    for name in ROUTER_NAMES:
+        assert value("vllm:" + name, labels) is None
+    assert value("mlx_serving_queue_depth", {"model": "a"}) is None
+
+    # No adapters: the one LoRA series has both lists empty (a picker then skips it).
+    lora = {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "0"}
+    assert value("vllm:lora_requests_info", lora) > 0
 
 
 class LeftContext:

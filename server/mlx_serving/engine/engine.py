@@ -27,6 +27,7 @@ from .admission import Admission, admit, check_limits, check_token_ids
 from .config import EngineConfig, allocator_environment, mlx_environment
 from .constraints import check_constraint, tool_call_constraint
 from .errors import (
+    DraftIncompatible,
     EngineOverloaded,
     EngineUnavailable,
     FieldViolation,
@@ -51,7 +52,7 @@ from .events import (
     RuntimeStatus,
     Subscription,
 )
-from .models import LoadPolicy, ModelInfo, ModelSource, ModelState
+from .models import DEFAULT_DRAFT_TOKENS, LoadPolicy, ModelInfo, ModelSource, ModelState
 from .observer import EngineObserver, replay
 from .prompts import Prompts, Tokenized, TokenizeOptions
 from .protocol import (
@@ -65,6 +66,7 @@ from .protocol import (
     Load,
     LoadProgress,
     Observe,
+    Pair,
     Result,
     StepOutput,
     Stop,
@@ -287,28 +289,45 @@ class Engine:
     # ---- models ----------------------------------------------------------------------
 
     async def load_model(
-        self, source: ModelSource, model_id: str = "", requested: bool = False
+        self,
+        source: ModelSource,
+        model_id: str = "",
+        requested: bool = False,
+        draft_model_id: str = "",
+        draft_tokens: int | None = None,
+        draft_source: ModelSource | None = None,
     ) -> ModelInfo:
         """The model from `source` as `model_id` (if empty, the source's default id).
 
         `requested`: a client's LoadModel, which the load policy governs; the operator's own
         models (config `models`, `--model`) load whatever it says. The same source under the
         same id again gets the model there, or shares its load under way; another source under
-        a loaded id is ModelAlreadyExists.
+        a loaded id is ModelAlreadyExists. `draft_model_id`: a ready model to pair with this
+        one as its draft (speculative decoding, speculative.py), `draft_tokens` per step by
+        default; a pairing that fails (DraftIncompatible) leaves the model unloaded.
+        `draft_source`: a draft loaded first as "<model_id>-draft" (unloaded again if this
+        model fails to load or pair, unless it was there before).
         """
         self._check_accepting()
         if requested and not self.policy.allow_loading:
             raise LoadingDisabled(model_id)
         model_id = model_id or source.default_model_id()
+        if draft_source is not None:
+            return await self._load_with_draft(
+                source, model_id, requested, draft_source, draft_tokens
+            )
         if model_id in self._infos:
             return await self._loaded_already(model_id, source)
+        if draft_model_id:
+            self._check_draft(model_id, draft_model_id)
         if requested:
             self._check_request_allowed(source, model_id)
         self._infos[model_id] = ModelInfo(
             model_id=model_id, source=source, state=ModelState.LOADING
         )
+        draft = (draft_model_id, draft_tokens or DEFAULT_DRAFT_TOKENS) if draft_model_id else None
         load = self._loads[model_id] = asyncio.ensure_future(
-            self._finish_load(source, model_id, requested)
+            self._finish_load(source, model_id, requested, draft)
         )
         # A caller that gives up (cancel, deadline) does not stop the load: it finishes and the
         # model stays listed, rather than sitting in memory unlisted.
@@ -339,7 +358,13 @@ class Engine:
                 model_id,
             )
 
-    async def _finish_load(self, source: ModelSource, model_id: str, requested: bool) -> ModelInfo:
+    async def _finish_load(
+        self,
+        source: ModelSource,
+        model_id: str,
+        requested: bool,
+        draft: tuple[str, int] | None = None,
+    ) -> ModelInfo:
         try:
             found_at = source
             if requested:
@@ -348,6 +373,8 @@ class Engine:
                 # The directory vetted, not the path again: a link changed since is not followed.
                 found_at = ModelSource(local_path=str(found.path))
             info, path = await self._call(Load(found_at, model_id))
+            if draft is not None:
+                info = await self._pair_or_unload(model_id, *draft)
             # The facade's own tokenizer: prompts are tokenized here, not in the engine process.
             await self._prompts.add_model(model_id, Path(path))
         except BaseException as exc:
@@ -360,6 +387,48 @@ class Engine:
             return info
         finally:
             self._loads.pop(model_id, None)
+
+    async def _load_with_draft(
+        self,
+        source: ModelSource,
+        model_id: str,
+        requested: bool,
+        draft_source: ModelSource,
+        draft_tokens: int | None,
+    ) -> ModelInfo:
+        draft_id = f"{model_id[:122]}-draft"
+        there = draft_id in self._infos
+        await self.load_model(draft_source, draft_id, requested)
+        try:
+            return await self.load_model(source, model_id, requested, draft_id, draft_tokens)
+        except BaseException:
+            if not there and draft_id in self._infos:
+                with contextlib.suppress(Exception):
+                    await self.unload_model(draft_id)
+            raise
+
+    def _check_draft(self, model_id: str, draft_model_id: str) -> None:
+        """What refuses a pairing before anything loads (the engine process checks the rest)."""
+        draft = self._infos.get(draft_model_id)
+        if draft is None or draft.state is not ModelState.READY:
+            state = "not loaded" if draft is None else draft.state.value
+            raise DraftIncompatible(
+                f"draft model {draft_model_id!r} is {state}: load it first", model_id
+            )
+        if draft_model_id == model_id or draft.draft_model_id:
+            raise DraftIncompatible(
+                f"{draft_model_id!r} cannot draft for {model_id!r}: it has a draft of its own",
+                model_id,
+            )
+
+    async def _pair_or_unload(self, model_id: str, draft_model_id: str, tokens: int) -> ModelInfo:
+        """Pair the model just loaded with its draft; if they cannot pair, unload it again."""
+        try:
+            return await self._call(Pair(model_id, draft_model_id, tokens))
+        except DraftIncompatible:
+            with contextlib.suppress(Exception):
+                await self._call(Unload(model_id))
+            raise
 
     def _count_weight_bytes(self, model_id: str, size: int) -> None:
         """Hold a client's model's weights (their headers' size) against max_loaded_bytes before
@@ -385,6 +454,9 @@ class Engine:
         await self._call(Unload(model_id))
         self._infos.pop(model_id, None)
         self._prompts.remove_model(model_id)
+        for other, paired in self._infos.items():  # the pair is dissolved (speculative.py)
+            if paired.draft_model_id == model_id:
+                self._infos[other] = replace(paired, draft_model_id="", draft_tokens=0)
 
     def list_models(self) -> list[ModelInfo]:
         return list(self._infos.values())
@@ -749,6 +821,13 @@ class Engine:
             gone = ModelUnloaded(info.model_id, f"not loaded again after a restart: {exc}")
             self.events.publish(Event(gone, model_id=info.model_id))
             return
+        if info.draft_model_id and info.draft_model_id in self._infos:
+            try:
+                reloaded = await self._call(
+                    Pair(info.model_id, info.draft_model_id, info.draft_tokens)
+                )
+            except DraftIncompatible as exc:
+                log.error("model %s could not be paired again: %s", info.model_id, exc)
         self._infos[info.model_id] = reloaded
 
     async def _reap(self) -> None:
@@ -973,6 +1052,8 @@ def total_usage(finished: list[GenerationChunk]) -> Usage:
         time_to_first_token=first_token,
         tokens_per_second=(completion - len(usages)) / decoding if decoding > 0 else 0.0,
         total_time=total_time,
+        draft_tokens_proposed=sum(u.draft_tokens_proposed for u in usages),
+        draft_tokens_accepted=sum(u.draft_tokens_accepted for u in usages),
     )
 
 

@@ -52,6 +52,15 @@ class ModelLoadFailed(EngineError):
     model_id: str = ""
 
 
+class DraftIncompatible(ModelLoadFailed):
+    """A model cannot be paired with the draft model asked for (speculative decoding): another
+    vocabulary or special tokens, a cache that cannot be rolled back, a draft not ready."""
+
+    def __init__(self, message: str, model_id: str = ""):
+        super().__init__(message)
+        self.model_id = model_id
+
+
 class ModelSourceNotFound(ModelLoadFailed):
     """No model directory at the path, or the repository is neither cached nor downloadable."""
 

@@ -72,6 +72,9 @@ class GenerationCompleted:
     throughput: float | None = None
     finish_reason: str = ""
     metadata: Metadata = ()
+    # Speculative decoding: draft tokens proposed for the request, and accepted.
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ import enum
 import os
 from dataclasses import dataclass
 
+# Speculative decoding: the draft tokens per step of a pairing that does not say, and the most
+# a pairing or a request may ask for (the contract says the same).
+DEFAULT_DRAFT_TOKENS = 4
+MAX_DRAFT_TOKENS = 16
+
 
 class ModelState(enum.Enum):
     LOADING = "loading"
@@ -89,3 +94,7 @@ class ModelInfo:
     # derived from memory when the model loaded (see capacity.py); 0 until it has.
     max_batch_size: int = 0
     max_kv_bytes: int = 0
+    # Speculative decoding: the draft model paired with this one ("" for none), and the draft
+    # tokens per step of a request that does not say.
+    draft_model_id: str = ""
+    draft_tokens: int = 0

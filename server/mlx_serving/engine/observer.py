@@ -45,6 +45,15 @@ class EngineObserver:
     def models_loaded(self, count: int) -> None:
         """The number of ready models changed."""
 
+    def kv_cache(self, model_id: str, reserved_bytes: int, budget_bytes: int) -> None:
+        """The KV bytes a model's running sequences reserve (prompt + max_tokens each, as
+        admission counts them) changed, or the model was loaded; `budget_bytes` is its budget.
+        Both 0: the model was unloaded."""
+
+    def draft_tokens(self, model_id: str, proposed: int, accepted: int) -> None:
+        """Speculative decoding: a generation that speculated ended, having had `proposed`
+        draft tokens proposed, of which the model accepted `accepted`."""
+
 
 HOOKS = tuple(name for name in vars(EngineObserver) if not name.startswith("_"))
 

@@ -48,6 +48,16 @@ class Unload:
 
 
 @dataclass(frozen=True)
+class Pair:
+    """Make `draft_model_id` the draft model of `model_id` (speculative decoding); answered
+    with the model's ModelInfo."""
+
+    model_id: str
+    draft_model_id: str
+    draft_tokens: int
+
+
+@dataclass(frozen=True)
 class AbortAll:
     """End every running sequence (a shutdown whose grace ran out)."""
 

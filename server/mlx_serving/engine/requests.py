@@ -114,6 +114,9 @@ class GenerationRequest:
     truncate_prompt_tokens: int | None = None
     # Seconds after which the generation ends (FinishReason.TIME_LIMIT).
     time_limit: float | None = None
+    # Draft tokens proposed per step by the model's draft model (speculative decoding); 0:
+    # none; None: the model's default (its pairing's draft_tokens).
+    draft_tokens: int | None = None
 
 
 class FinishReason(enum.Enum):
@@ -137,6 +140,10 @@ class Usage:
     time_to_first_token: float
     tokens_per_second: float
     total_time: float
+    # Speculative decoding: draft tokens proposed for this sequence, and how many the model
+    # accepted.
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
 
 
 @dataclass(frozen=True)

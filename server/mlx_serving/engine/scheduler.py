@@ -23,7 +23,14 @@ from .capacity import Capacity, format_bytes, model_capacity
 from .config import EngineConfig
 from .constraints import ConstrainedRow, Constraints, MaskBatch
 from .detokenizer import StreamingDetokenizer
-from .errors import InvalidRequest, ModelNotFound, RequestAborted, SequenceFailed
+from .distributed import Leader
+from .errors import (
+    DraftIncompatible,
+    InvalidRequest,
+    ModelNotFound,
+    RequestAborted,
+    SequenceFailed,
+)
 from .events import (
     ABORTED,
     Event,
@@ -34,13 +41,22 @@ from .events import (
     RuntimeStatus,
     TokenGenerated,
 )
-from .fused_batch import FusedGenerationBatch, FusedRow, fused_eligible
+from .fused_batch import FusedRow, fused_eligible
 from .loading import LoadedModel
 from .logprobs import Pieces, RawLogprobs, prompt_logprobs, token_logprobs
+from .models import ModelInfo
 from .observer import EngineObserver, RecordingObserver
+from .prefill import BucketedPromptBatch, PrefillPacer, buckets_wanted
 from .protocol import END, StepOutput
 from .requests import FinishReason, GenerationChunk, GenerationRequest, Usage
 from .sampling import ban_until, make_logits_processors, make_sampler
+from .speculative import (
+    Draft,
+    SpeculativeGenerationBatch,
+    SpeculativeRow,
+    check_pairing,
+    speculative_row,
+)
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -91,6 +107,8 @@ class Sequence:
     # leader's waiting samples.
     leader: "Sequence | None" = None
     forks: list["Sequence"] = field(default_factory=list)
+    # Speculative decoding: the row's sampler, with its draft-token counts (speculative.py).
+    speculation: SpeculativeRow | None = None
 
     @property
     def kv_tokens(self) -> int:
@@ -124,6 +142,13 @@ class ModelSlot:
     failures: int = 0
     # The tokenizer's special tokens, kept out of the text unless a request asks for them.
     special_ids: frozenset[int] = frozenset()
+    # The draft model paired with this one (speculative decoding), if any.
+    draft: Draft | None = None
+    # How much each step prefills while sequences decode (prefill.PrefillPacer).
+    pacer: PrefillPacer | None = None
+    # KV tokens `sequences` reserve (see `admissible`), and the count last told the observer.
+    kv_tokens: int = 0
+    kv_reported: int = -1
 
     def __len__(self) -> int:
         return len(self.sequences) + len(self.waiting)
@@ -145,6 +170,8 @@ class Scheduler:
         self.sequences: dict[int, Sequence] = {}
         # Whether anyone subscribes to TokenGenerated: without, no per-token event is built.
         self.token_events = False
+        # Rank 0 of a sharded group (distributed.py): mirrors every generator to the others.
+        self.sharding: Leader | None = None
         self.prefix_cache = LRUPromptCache(
             max_size=config.prefix_cache_entries, max_bytes=config.prefix_cache_bytes
         )
@@ -205,6 +232,12 @@ class Scheduler:
         if status != self._status:
             self._status = status
             self.publish(Event(RuntimeStatus(status, len(self.slots), active)))
+        for model_id, slot in self.slots.items():
+            if slot.kv_tokens != slot.kv_reported:
+                slot.kv_reported = slot.kv_tokens
+                capacity = slot.capacity
+                reserved = slot.kv_tokens * capacity.kv_bytes_per_token
+                self.observer.kv_cache(model_id, reserved, capacity.kv_budget)
 
     def add_model(self, loaded: LoadedModel, load_seconds: float = 0.0) -> None:
         """Serve `loaded` (from `loading.load_model`, or read a piece at a time by the worker)."""
@@ -218,6 +251,8 @@ class Scheduler:
             Pieces(loaded.tokenizer),
             special_ids=special_ids,
         )
+        if self.config.prefill_pacing > 0:
+            slot.pacer = PrefillPacer(self.config.prefill_step_size, self.config.prefill_pacing)
         self.slots[loaded.info.model_id] = slot
         self.observer.models_loaded(len(self.slots))
         self.publish(loaded_event(loaded, load_seconds))
@@ -261,13 +296,22 @@ class Scheduler:
             stream=self.stream,
         )
         # New rows join this batch (extend), so its step samples every fused row at once.
-        generator._generation_batch = FusedGenerationBatch.empty(loaded.model, generator.sampler)
+        generator._generation_batch = SpeculativeGenerationBatch.empty(
+            loaded.model, generator.sampler
+        )
+        if buckets_wanted(self.config.prefill_buckets):  # shapes the worker compiled at load
+            generator._prompt_batch = BucketedPromptBatch.empty(
+                loaded.model, generator.sampler, prefill_step_size=self.config.prefill_step_size
+            )
+        if self.sharding is not None:
+            self.sharding.lead(loaded.info.model_id, generator)
         return generator
 
     def unload(self, model_id: str) -> None:
         """End the model's sequences (RequestAborted) and free it."""
         if (slot := self.slots.pop(model_id, None)) is None:
             raise ModelNotFound(model_id)
+        self._dissolve_pairs(model_id)
         for sequence in slot.held():
             self._end(slot, sequence, RequestAborted(f"model {model_id!r} was unloaded"))
         slot.generator.close()
@@ -275,13 +319,52 @@ class Scheduler:
         self.constraints.forget_model(model_id)
         mx.clear_cache()
         self.observer.models_loaded(len(self.slots))
+        self.observer.kv_cache(model_id, 0, 0)
         self.publish(Event(ModelUnloaded(model_id, reason="requested"), model_id=model_id))
+
+    def pair(self, model_id: str, draft_id: str, draft_tokens: int) -> ModelInfo:
+        """Make `draft_id` the draft model of `model_id` (speculative decoding); its info."""
+        if self.sharding is not None:
+            raise DraftIncompatible("sharded models do not speculate", model_id)
+        slot, draft = self.slots.get(model_id), self.slots.get(draft_id)
+        if slot is None:
+            raise ModelNotFound(model_id)
+        if draft is None:
+            raise DraftIncompatible(f"draft model {draft_id!r} is not loaded", model_id)
+        if draft_id == model_id or draft.draft is not None:
+            raise DraftIncompatible(
+                f"{draft_id!r} cannot draft for {model_id!r}: a model drafts for another, and a "
+                "model with a draft of its own drafts for none",
+                model_id,
+            )
+        check_pairing(slot.loaded, draft.loaded)
+        self._dissolve_pairs(model_id)
+        slot.draft = Draft(draft_id, draft.loaded.model, draft_tokens)
+        info = slot.loaded.info = replace(
+            slot.loaded.info, draft_model_id=draft_id, draft_tokens=draft_tokens
+        )
+        return info
+
+    def _dissolve_pairs(self, model_id: str) -> None:
+        """Unpair `model_id` from its draft and from the models it drafts for: their rows that
+        speculate finish without speculation."""
+        for slot in self.slots.values():
+            draft = slot.draft
+            if draft is not None and (
+                draft.model_id == model_id or slot is self.slots.get(model_id)
+            ):
+                draft.active = False
+                slot.draft = None
+                slot.loaded.info = replace(slot.loaded.info, draft_model_id="", draft_tokens=0)
 
     def admit(
         self, admission: Admission, rid: int, internal: bool = False, fork_of: int | None = None
     ) -> None:
         """Queue a request the facade has checked; whatever goes wrong is told to its reader
         (the facade does not wait for an answer)."""
+        if self.sharding is not None and (refusal := self.sharding.refusal(admission.request)):
+            self._deliveries.append((rid, refusal))
+            return
         try:
             self._admit(admission, rid, internal, fork_of)
         except Exception as exc:
@@ -303,8 +386,10 @@ class Scheduler:
         # constraint then allows, whatever ignore_eos says.
         keep_eos = not request.ignore_eos or request.constraint is not None
         eos = frozenset(tokenizer.eos_token_ids if keep_eos else ())
+        if self.sharding is not None:  # sharded: no prefix cache, no forks (distributed.py)
+            leader = None
         # Warm-up requests neither use nor fill the prefix cache.
-        if internal or leader is not None:
+        if internal or leader is not None or self.sharding is not None:
             cache, cached = None, 0
         else:
             cache, cached = self._cached_prefix(request.model_id, prompt)
@@ -336,6 +421,16 @@ class Scheduler:
         if request.logprobs and processors:
             sequence.raw_logprobs = RawLogprobs()
             processors.insert(0, sequence.raw_logprobs)
+        sequence.speculation = speculative_row(
+            slot.draft,
+            request.draft_tokens,
+            request.sampling.greedy,
+            sampler,
+            processors,
+            request.constraint is not None,
+        )
+        if sequence.speculation is not None:
+            sampler = sequence.speculation
         if request.time_limit is not None:
             sequence.deadline = sequence.arrival + request.time_limit
             self._timed.add(sequence)
@@ -345,7 +440,7 @@ class Scheduler:
             caches=cache or make_cache(slot.loaded.model),
             all_tokens=list(prompt[:cached]),
             samplers=sampler
-            if isinstance(sampler, FusedRow) or sampler is None
+            if isinstance(sampler, (FusedRow, SpeculativeRow)) or sampler is None
             else guarded(sampler, sequence, self._faults, greedy),
             logits_processors=[guarded(p, sequence, self._faults, unchanged) for p in processors],
             stop_sequences=StopSequences([[t] for t in stop_ids] or None),
@@ -404,7 +499,7 @@ class Scheduler:
 
     def _remember_prefix(self, model_id: str, tokens: list[int], cache: list | None) -> None:
         """Keep a finished sequence's KV cache, in a byte budget that counts the running batch."""
-        if not cache or not tokens:
+        if not cache or not tokens or self.sharding is not None:
             return
         self.prefix_cache.insert_cache(model_id, list(tokens), cache)
         running = sum(slot.generator.prompt_cache_nbytes for slot in self.slots.values())
@@ -446,6 +541,7 @@ class Scheduler:
         for uid, sequence in zip(uids, waiting, strict=True):
             sequence.uid, sequence.generator_args = uid, {}
             slot.sequences[uid] = sequence
+            slot.kv_tokens += sequence.kv_tokens
 
     def _ready(self, slot: ModelSlot, sequence: Sequence) -> bool:
         return sequence.leader is None and self._constrain(slot, sequence)
@@ -562,8 +658,12 @@ class Scheduler:
             if held_rows := live_rows(slot, held):
                 rendering = self._renderer.submit(render_rows, slot.loaded.tokenizer, held_rows)
         slot.masks.next_step()
+        prompt_tokens = self._pace_prefill(slot)
         prompt_responses, responses = slot.generator.next()
         stepped_at = time.perf_counter()
+        if slot.pacer is not None:
+            prompt_tokens = slot.generator._counters.prompt_tokens - prompt_tokens
+            slot.pacer.observe(stepped_at - started, bool(responses), prompt_tokens)
         if responses or prompt_responses:
             self.observer.step(slot.loaded.info.model_id, len(responses), stepped_at - started)
         for response in prompt_responses:
@@ -575,23 +675,43 @@ class Scheduler:
         rows = live_rows(slot, responses)
         if len(responses) >= RENDER_THREAD_ROWS:
             now_rows, later = [], []
-            for sequence, response in rows:
-                if at_edge(sequence, response):
+            # Backwards: a sequence's tokens of one step (several when it speculates) go
+            # together, with its last if that one is at the edge.
+            edge: set[int] = set()
+            for sequence, response in reversed(rows):
+                if sequence.rid in edge or at_edge(sequence, response):
+                    edge.add(sequence.rid)
                     now_rows.append((sequence, response))
                 else:
                     later.append(response)
+            now_rows.reverse()
+            later.reverse()
             rows = now_rows
             slot.pending = (later, stepped_at) if later else None
         if rows:
             self._emit(slot, rows, render_rows(slot.loaded.tokenizer, rows), stepped_at)
 
+    def _pace_prefill(self, slot: ModelSlot) -> int:
+        """Set this step's prefill chunk (see PrefillPacer); the prompt tokens so far."""
+        generator = slot.generator
+        if slot.pacer is None:
+            return 0
+        prefilling = len(generator._prompt_batch) + len(generator._unprocessed_sequences)
+        chunk = slot.pacer.chunk(
+            len(generator._generation_batch), min(prefilling, generator.prefill_batch_size)
+        )
+        generator.prefill_step_size = generator._prompt_batch.prefill_step_size = chunk
+        return generator._counters.prompt_tokens
+
     def _emit(self, slot: ModelSlot, rows: list, rendered: list, now: float) -> None:
         logprobs = self._logprobs(slot, rows)
         for (sequence, response), token in zip(rows, rendered, strict=True):
+            if sequence.rid not in self.sequences:
+                continue  # ended by an earlier token of this step (speculation: a stop)
             if isinstance(token, Exception):
                 self._fail_sequence(slot, sequence, token)
             else:
-                self._advance(slot, sequence, response, now, token, logprobs.get(sequence))
+                self._advance(slot, sequence, response, now, token, logprobs.get(id(response)))
 
     def _logprobs(self, slot: ModelSlot, rows: list) -> dict:
         """The logprobs of the rows that asked for them, computed together."""
@@ -605,7 +725,7 @@ class Scheduler:
             [s.request.top_logprobs for s, _ in wanted],
             slot.pieces,
         )
-        return {s: entry for (s, _), entry in zip(wanted, entries, strict=True)}
+        return {id(r): entry for (_, r), entry in zip(wanted, entries, strict=True)}
 
     def _advance(
         self,
@@ -737,6 +857,7 @@ class Scheduler:
         """
         if slot.sequences.get(sequence.uid) is sequence:
             del slot.sequences[sequence.uid]
+            slot.kv_tokens -= sequence.kv_tokens
         elif sequence in slot.waiting:
             slot.waiting.remove(sequence)
         self.sequences.pop(sequence.rid, None)
@@ -765,6 +886,10 @@ class Scheduler:
             usage.total_time,
             sequence.started,
         )
+        if usage.draft_tokens_proposed:
+            self.observer.draft_tokens(
+                sequence.request.model_id, usage.draft_tokens_proposed, usage.draft_tokens_accepted
+            )
         self.publish(
             Event(
                 GenerationCompleted(
@@ -774,6 +899,8 @@ class Scheduler:
                     throughput=usage.tokens_per_second,
                     finish_reason=reason,
                     metadata=sequence.request.metadata,
+                    draft_tokens_proposed=usage.draft_tokens_proposed,
+                    draft_tokens_accepted=usage.draft_tokens_accepted,
                 ),
                 model_id=sequence.request.model_id,
                 request_id=sequence.request.request_id,
@@ -916,6 +1043,8 @@ def make_usage(sequence: Sequence, now: float) -> Usage:
         time_to_first_token=(sequence.first_token_time - sequence.arrival) if n else 0.0,
         tokens_per_second=(n - 1) / decoding if n > 1 and decoding > 0 else 0.0,
         total_time=now - sequence.arrival,
+        draft_tokens_proposed=sequence.speculation.proposed if sequence.speculation else 0,
+        draft_tokens_accepted=sequence.speculation.accepted if sequence.speculation else 0,
     )
 
 

@@ -104,29 +104,17 @@ def local_model_directory(path: Path, given: str) -> Path:
 
 
 def hugging_face_snapshot(repo_id: str, revision: str | None) -> Path:
-    """The cached snapshot, else a download. The download is tried even with HF_HUB_OFFLINE set:
-    huggingface_hub then refuses at once, and its refusal says why in words."""
-    from huggingface_hub import snapshot_download
+    """The cached snapshot, else a download (hub.py: the same code as `mlx-serving download`).
+    With HF_HUB_OFFLINE set, a model not cached is refused at once, saying why."""
+    from . import hub
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:
-        pass  # not cached (or a broken cache entry): the download below tells the cause
-    try:
-        return Path(snapshot_download(repo_id, revision=revision))
-    except Exception as exc:
+        return hub.snapshot(repo_id, revision)
+    except hub.DownloadFailed as exc:
         name = f"{repo_id}@{revision}" if revision else repo_id
         raise ModelSourceNotFound(
-            f"{name!r} is not in the Hugging Face cache and could not be downloaded: "
-            f"{error_in_words(exc)}"
+            f"{name!r} is not in the Hugging Face cache and could not be downloaded: {exc}"
         ) from None
-
-
-def error_in_words(exc: BaseException, limit: int = 300) -> str:
-    """The exception's message on one line, cut at `limit` characters; its class name if it has
-    none. huggingface_hub's messages span lines and end in links: the start is what matters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def shorten(text: str, limit: int = 200) -> str:

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -25,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 
 from .config import EngineConfig
+from .distributed import leader_from_env
 from .errors import ModelLoadFailed, ModelSourceNotFound, RequestAborted
 from .loading import (
     LoadedModel,
@@ -35,6 +37,7 @@ from .loading import (
     weight_chunks,
 )
 from .models import ModelSource
+from .prefill import WarmUp, buckets_wanted
 from .protocol import (
     PROBES_ENV,
     AbortAll,
@@ -46,6 +49,7 @@ from .protocol import (
     Load,
     LoadProgress,
     Observe,
+    Pair,
     Probe,
     Result,
     Stop,
@@ -89,6 +93,12 @@ class Loading:
     chunks: list = field(default_factory=list)
     total_bytes: int = 0
     read_bytes: int = 0
+    # Its prefill shapes still to compile (prefill.WarmUp), once its tokenizer is read.
+    warmup: Iterator[None] | None = None
+
+
+# What a finished warm-up yields.
+WARMED_UP = object()
 
 
 class Worker:
@@ -99,6 +109,8 @@ class Worker:
     ):
         self.config = config
         self.scheduler = Scheduler(config)
+        # Rank 0 of a group mlx.launch started: every model sharded over the ranks.
+        self.leader = self.scheduler.sharding = leader_from_env(self.scheduler.stream)
         self._commands = commands
         self._results = results
         # When the loop last showed progress (time.monotonic, shared memory): the facade's
@@ -115,12 +127,13 @@ class Worker:
             Admit: lambda c: self.scheduler.admit(c.admission, c.rid, c.internal, c.fork_of),
             Cancel: lambda c: self.scheduler.cancel(c.rid),
             Load: self._load,
-            Unload: lambda c: self.scheduler.unload(c.model_id),
+            Unload: lambda c: self._unload(c.model_id),
             AbortAll: lambda c: self.scheduler.abort_all(RequestAborted(c.reason)),
             Observe: lambda c: self.scheduler.set_observing(c.recording),
             WatchTokens: lambda c: self.scheduler.set_token_events(c.wanted),
             Stop: lambda c: setattr(self, "running", False),
             Probe: self._probe,
+            Pair: lambda c: self.scheduler.pair(c.model_id, c.draft_model_id, c.draft_tokens),
         }
 
     def run(self) -> None:
@@ -142,6 +155,8 @@ class Worker:
                 stopped = ModelLoadFailed(f"the engine stopped before {loading.model_id!r} loaded")
                 self._answer(loading.call_id, stopped)
             self.scheduler.close()
+            if self.leader is not None:
+                self.leader.close()
             self._loader.shutdown(wait=False, cancel_futures=True)
             self._send(Stopped())
 
@@ -241,6 +256,11 @@ class Worker:
         self.loading.append(Loading(self._call_id, command.model_id, command.source, started, job))
         return DEFERRED
 
+    def _unload(self, model_id: str) -> None:
+        self.scheduler.unload(model_id)
+        if self.leader is not None:
+            self.leader.unload(model_id)
+
     def _continue_loading(self) -> None:
         """One short piece of the oldest load: build the (lazy) model once its directory is
         found, read one chunk of its weights, or finish once its tokenizer is read."""
@@ -252,9 +272,11 @@ class Worker:
                 loading.path = loading.job.result()
                 loading.model, loading.config = build_model(
                     loading.path,
-                    fuse=self.config.fuse_projections,
+                    fuse=self.config.fuse_projections and self.leader is None,
                     decode_kernel=self.config.decode_attention_kernel,
                 )
+                if self.leader is not None:
+                    self.leader.load(loading.model_id, loading.source, loading.model)
                 loading.chunks = weight_chunks(loading.model, self.load_chunk_bytes)
                 loading.total_bytes = weight_bytes(loading.model)
                 loading.job = self._loader.submit(read_tokenizer, loading.path, loading.config)
@@ -264,8 +286,15 @@ class Worker:
                 mx.eval(chunk)
                 loading.read_bytes += sum(w.nbytes for w in chunk)
                 self._send(LoadProgress(loading.model_id, loading.read_bytes, loading.total_bytes))
+            elif loading.warmup is not None:
+                if next(loading.warmup, WARMED_UP) is WARMED_UP:
+                    self._finish_loading(loading, loading.path, loading.job.result())
             elif loading.job.done():
-                self._finish_loading(loading, loading.path, loading.job.result())
+                loading.job.result()  # the tokenizer, read before any time goes to warming up
+                if buckets_wanted(self.config.prefill_buckets) and self.leader is None:
+                    loading.warmup = iter(self._warm_up(loading))
+                else:
+                    self._finish_loading(loading, loading.path, loading.job.result())
         except Exception as exc:
             if self.loading and self.loading[0] is loading:
                 self.loading.pop(0)
@@ -276,7 +305,13 @@ class Worker:
                     f"cannot load {describe_source(loading)} ({type(exc).__name__})"
                 )
             self._answer(loading.call_id, exc.with_traceback(None))
+            if self.leader is not None and loading.model is not None:
+                self.leader.unload(loading.model_id)
             mx.clear_cache()
+
+    def _warm_up(self, loading: Loading) -> WarmUp:
+        batch = min(self.config.prefill_batch_size, self.config.max_batch_size or 1 << 30)
+        return WarmUp(loading.model_id, loading.model, batch, self.config.prefill_step_size)
 
     def _finish_loading(self, loading: Loading, path: Path, tokenizer) -> None:
         info = describe_model(

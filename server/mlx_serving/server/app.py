@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -179,8 +180,12 @@ class ServingApp:
             return ""
         return host_port(self.telemetry.prometheus_host, self.metrics_port)
 
-    async def start(self, models: Iterable[tuple[str, ModelSource]] = ()) -> int:
-        """Listen, start the engine, load `models` ((id or "", source) pairs) and warm up.
+    async def start(
+        self,
+        models: Iterable[tuple[str, ModelSource] | tuple[str, ModelSource, str, int | None]] = (),
+    ) -> int:
+        """Listen, start the engine, load `models` ((id or "", source) pairs, or (id, source,
+        draft model id, draft tokens) with a draft model) and warm up.
 
         Returns the bound port. On failure the caller still calls `stop`.
         """
@@ -190,9 +195,10 @@ class ServingApp:
             self.telemetry.start()
         await self.engine.start()
         await self.server.start()
-        for model_id, source in models:
+        for model_id, source, *draft in models:
             started = time.monotonic()
-            info = await self.engine.load_model(source, model_id)
+            draft_id, tokens = (str(draft[0]), cast(int | None, draft[1])) if draft else ("", None)
+            info = await self.engine.load_model(source, model_id, False, draft_id, tokens)
             seconds = time.monotonic() - started
             where = ModelService.source_text(source)
             log.info("loaded model %s from %s in %.1f s", info.model_id, where, seconds)
@@ -213,10 +219,15 @@ class ServingApp:
             return self.server.add_insecure_port(address)
         return self.server.add_secure_port(address, self.certificates.credentials())
 
-    async def stop(self, grace: float) -> None:
-        """NOT_SERVING, then in-flight generations get `grace` seconds to finish before they end."""
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+        """NOT_SERVING; new requests still taken for `drain_delay` seconds (load balancers that
+        watch health stop sending meanwhile); then in-flight generations get `grace` seconds
+        to finish before they end."""
         self._stopping = True
         await self.health.enter_graceful_shutdown()
+        if drain_delay:
+            log.info("health is NOT_SERVING; new requests are refused in %g s", drain_delay)
+            await asyncio.sleep(drain_delay)
         await self.engine.shutdown(grace)
         await self.server.stop(STREAM_FLUSH_SECONDS)
         if self._watcher is not None:

@@ -6,12 +6,18 @@ $MLX_SERVING_CONFIG), then MLX_SERVING_* variables, then flags. The host default
 listening anywhere else without TLS or tokens (server.tls, security.tokens_*) logs a warning.
 SIGHUP reads the TLS files and the token file again.
 
+`mlx-serving download ORG/NAME[@REV]` puts a model's files in the Hugging Face cache (the code
+LoadModel downloads with, engine/hub.py) and prints its directory; `mlx-serving models` lists
+the cache's MLX models (docs/MODELS.md).
+
 `--model ORG/NAME[@REV]` is a Hugging Face repository, as mlx-lm reads it, when no such local
 path exists; `hf:ORG/NAME[@REV]` always is one. Either resolves through the Hugging Face cache
 first, so a downloaded model is served offline.
 
-The first SIGTERM or SIGINT (Ctrl-C) drains: generations in flight get the shutdown grace to
-finish. A second one during the drain ends the process at once, its engine and streams with it.
+The first SIGTERM or SIGINT (Ctrl-C) drains: health turns NOT_SERVING, new requests are still
+taken for `server.drain_delay_seconds` (default 0: load balancers that watch health stop
+sending meanwhile), then refused, and generations in flight get the shutdown grace to finish.
+A second one during the drain ends the process at once, its engine and streams with it.
 
 An engine process that dies or wedges is restarted with its models, up to
 `engine.max_engine_restarts` times in a row (after `engine.engine_restart_backoff_seconds`,
@@ -82,6 +88,7 @@ OVERRIDES = (
     ("--port", "server.port", "0 picks a free port"),
     ("--log-level", "server.log_level", "debug, info, warning or error"),
     ("--shutdown-grace", "server.shutdown_grace_seconds", "seconds of grace after SIGTERM"),
+    ("--drain-delay", "server.drain_delay_seconds", "seconds NOT_SERVING before refusing"),
     ("--max-batch-size", "engine.max_batch_size", "most sequences decoded together per model"),
     ("--max-queued-requests", "engine.max_queued_requests", "requests that may wait for a slot"),
     ("--prefill-batch-size", "engine.prefill_batch_size", "most prompts prefilled together"),
@@ -252,7 +259,73 @@ def make_parser() -> argparse.ArgumentParser:
     check = actions.add_parser("check", help="check a config file (alone): ok, or every error")
     check.add_argument("file", type=Path, metavar="FILE")
     check.set_defaults(run=run_check)
+    add_model_commands(commands)
     return parser
+
+
+def add_model_commands(commands: Any) -> None:
+    """`download` and `models`: the Hugging Face cache that --model and LoadModel read."""
+    download = commands.add_parser(
+        "download",
+        help="download a model from Hugging Face into its cache",
+        description="Download the files an MLX model needs (weights, config, tokenizer, chat "
+        "template) into the Hugging Face cache ($HF_HOME/hub), resuming a download that was cut "
+        "off, and print the local directory. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply.",
+    )
+    download.add_argument("repo", type=repository_spec, metavar="[hf:]ORG/NAME[@REVISION]")
+    download.set_defaults(run=run_download)
+    models = commands.add_parser(
+        "models",
+        help="list the MLX models in the Hugging Face cache",
+        description="One line per cached model revision that MLX can load: repository, "
+        "revision, size on disk, quantization (or the weights' dtype).",
+    )
+    models.set_defaults(run=run_models)
+
+
+def repository_spec(text: str) -> tuple[str, str | None]:
+    """`[hf:]ORG/NAME[@REV]` → (repository id, revision or None), by LoadModel's own rules."""
+    repo = text.removeprefix(HF_PREFIX)
+    if not REPO_ID_SHAPE.match(repo):
+        raise argparse.ArgumentTypeError(f"{text!r} is not ORG/NAME[@REVISION]")
+    source = hugging_face_source(repo)
+    request = model_pb.LoadModelRequest(source=source)
+    if violations := protovalidate.collect_violations(request):
+        problems = "; ".join(f"{field}: {why}" for field, why in map(describe, violations))
+        raise argparse.ArgumentTypeError(f"bad repository {text!r}: {problems}")
+    return source.hugging_face.repo_id, source.hugging_face.revision or None
+
+
+def run_download(args: argparse.Namespace) -> int:
+    """Progress on stderr, the directory alone on stdout (`$(mlx-serving download X)`)."""
+    from mlx_serving.engine import hub
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    repo_id, revision = args.repo
+    try:
+        path = hub.download(repo_id, revision, progress=True)
+    except hub.DownloadFailed as exc:
+        print(f"mlx-serving download: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mlx-serving download: interrupted; run it again to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    print(path)
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants
+
+    from mlx_serving.engine import hub
+
+    models = hub.cached_models()
+    for line in hub.model_lines(models):
+        print(line)
+    if not models:
+        cache = constants.HF_HUB_CACHE
+        print(f"no MLX models in the Hugging Face cache ({cache})", file=sys.stderr)
+    return 0
 
 
 def effective_config(args: argparse.Namespace) -> config_pb.Config:
@@ -279,6 +352,13 @@ def run_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if DISTRIBUTED_RANK_ENV in os.environ:  # under mlx.launch: docs/DISTRIBUTED.md
+        from mlx_serving.engine import distributed
+
+        if (distributed.launched_rank() or 0) > 0:
+            return distributed.follow()
+        # Its followers cannot join a restarted engine: a failure ends the whole group.
+        config.engine.max_engine_restarts = 0
     return asyncio.run(serve(config))
 
 
@@ -367,6 +447,8 @@ def warn_if_exposed(config: config_pb.Config) -> None:
 GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 # How long a forced exit waits for each killed child process to be gone (SIGKILL: a moment).
 FORCED_EXIT_JOIN_SECONDS = 1.0
+# mlx.launch gives every rank its number here; rank 0 serves, the others follow it.
+DISTRIBUTED_RANK_ENV = "MLX_RANK"
 # The exit status once the engine has failed more times in a row than it may be restarted.
 ENGINE_GAVE_UP_EXIT = 3
 
@@ -398,7 +480,7 @@ async def serve(config: config_pb.Config) -> int:
         log.info("shutting down: %s", drain_plan(engine.active_requests(), grace))
     else:
         log.error("the engine failed and is not restarted again; shutting down")
-    await app.stop(grace)
+    await app.stop(grace, config.server.drain_delay_seconds if requested else 0.0)
     return 0 if requested else ENGINE_GAVE_UP_EXIT
 
 

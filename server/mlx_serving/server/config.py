@@ -108,6 +108,7 @@ def default_config() -> config_pb.Config:
             max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
             max_streams_per_client=DEFAULT_MAX_STREAMS_PER_CLIENT,
             max_subscriptions_per_client=DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
+            drain_delay_seconds=0.0,
         ),
         security=config_pb.SecuritySettings(
             protect_health=False,
@@ -162,9 +163,20 @@ def load_policy(config: config_pb.Config) -> LoadPolicy:
     )
 
 
-def preload_models(config: config_pb.Config) -> list[tuple[str, ModelSource]]:
-    """(model id or "", source) of each configured model, in order."""
-    return [(spec.model_id, convert.model_source(spec.source)) for spec in config.models]
+def preload_models(
+    config: config_pb.Config,
+) -> list[tuple[str, ModelSource] | tuple[str, ModelSource, str, int | None]]:
+    """(model id or "", source) of each configured model, in order; with a draft model
+    (speculative decoding), (model id, source, draft model id, draft tokens or None)."""
+    models: list[tuple[str, ModelSource] | tuple[str, ModelSource, str, int | None]] = []
+    for spec in config.models:
+        source = convert.model_source(spec.source)
+        if spec.draft_model_id:
+            tokens = spec.draft_tokens if spec.HasField("draft_tokens") else None
+            models.append((spec.model_id, source, spec.draft_model_id, tokens))
+        else:
+            models.append((spec.model_id, source))
+    return models
 
 
 # ---- reading the layers ------------------------------------------------------------------

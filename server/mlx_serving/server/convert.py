@@ -128,7 +128,7 @@ def duration(seconds: float) -> duration_pb2.Duration:
 def generation_request(request: generate_pb.GenerateRequest, request_id: str) -> GenerationRequest:
     prompt = request.WhichOneof("prompt")
     options: dict[str, Any] = {}
-    for name in ("max_tokens", "prompt_logprobs", "n", "truncate_prompt_tokens"):
+    for name in ("max_tokens", "prompt_logprobs", "n", "truncate_prompt_tokens", "draft_tokens"):
         if request.HasField(name):
             options[name] = getattr(request, name)
     if request.HasField("time_limit"):
@@ -267,6 +267,8 @@ def usage(used: Usage) -> generate_pb.Usage:
         time_to_first_token=duration(used.time_to_first_token),
         tokens_per_second=used.tokens_per_second,
         total_time=duration(used.total_time),
+        draft_tokens_proposed=used.draft_tokens_proposed,
+        draft_tokens_accepted=used.draft_tokens_accepted,
     )
 
 
@@ -313,6 +315,8 @@ def model_pb_from_info(info: ModelInfo) -> model_pb.Model:
         eos_token_ids=info.eos_token_ids,
         bos_token_id=info.bos_token_id,
         generation_defaults=generation_defaults_pb(info.generation_defaults),
+        draft_model_id=info.draft_model_id,
+        draft_tokens=info.draft_tokens,
     )
 
 
@@ -423,6 +427,11 @@ def event_payload_pb(payload: events.Payload) -> tuple[str, Any]:
                 throughput=payload.throughput,
                 finish_reason=EVENT_FINISH_REASONS[payload.finish_reason],
                 metadata=metadata,
+                draft_tokens_proposed=payload.draft_tokens_proposed,
+                draft_tokens_accepted=payload.draft_tokens_accepted,
+                draft_acceptance_rate=payload.draft_tokens_accepted / payload.draft_tokens_proposed
+                if payload.draft_tokens_proposed
+                else None,
             )
         case events.ErrorOccurred():
             fields = dataclasses.asdict(payload) | {"metadata": metadata}

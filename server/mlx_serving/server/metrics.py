@@ -2,8 +2,13 @@
 
 Every name starts with `mlx_serving_`; engine metrics carry a `model` label. The engine's
 hooks are replayed on the event loop once per batch step, so each hook is a few O(1) updates.
+
+Besides, a model's queued and running generations and its KV-cache utilisation are exported
+under vLLM's names with its `model_name` label (the `router_*` gauges): the names the Gateway
+API Inference Extension's endpoint picker scrapes by default (docs/ARCHITECTURE.md, Telemetry).
 """
 
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -20,6 +25,10 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
 # A whole generation or RPC: up to ten minutes.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# The label of vLLM's metrics, which routers read (the `router_*` gauges of `Metrics`).
+ROUTER_LABELS = ("model_name",)
+KV_USAGE_HELP = "Share of the KV budget the running generations reserve, 0 to 1."
 
 
 class Metrics:
@@ -77,6 +86,55 @@ class Metrics:
             "prefix_cache_lookups", "Prompts looked up in the prefix cache.", ("result",)
         )
         self.models_loaded = gauge("models_loaded", "Models loaded and ready.", ())
+        self.kv_reserved_bytes = gauge(
+            "kv_cache_reserved_bytes",
+            "KV bytes the running generations reserve (prompt + max_tokens each).",
+        )
+        self.kv_budget_bytes = gauge(
+            "kv_cache_budget_bytes", "The KV budget: a generation that does not fit waits."
+        )
+        self.draft_tokens = counter(
+            "draft_tokens",
+            "Speculative decoding: draft tokens proposed, and accepted, by outcome.",
+            ("model", "outcome"),
+        )
+
+        # The router gauges, under vLLM's names. The KV-cache utilisation twice: GIE's endpoint
+        # picker reads `kv_cache_usage_perc` since late 2025, `gpu_cache_usage_perc` (vLLM's
+        # name before) until then.
+        def router_gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ROUTER_LABELS, registry=self.registry)
+
+        self.router_waiting = router_gauge(
+            "vllm:num_requests_waiting", "Generations admitted, not yet in prefill."
+        )
+        self.router_running = router_gauge(
+            "vllm:num_requests_running", "Generations in prefill or decoding."
+        )
+        self.router_kv_usage = router_gauge("vllm:kv_cache_usage_perc", KV_USAGE_HELP)
+        self.router_kv_usage_before = router_gauge("vllm:gpu_cache_usage_perc", KV_USAGE_HELP)
+        # No LoRA adapters: one series saying so (its value, as vLLM's, the time it was set),
+        # so that a picker reading the LoRA info finds it rather than logging its absence.
+        self.router_lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "LoRA adapters running and waiting: none (mlx-serving serves no adapters).",
+            ("running_lora_adapters", "waiting_lora_adapters", "max_lora"),
+            registry=self.registry,
+        )
+        self.router_lora_info.labels("", "", "0").set(time.time())
+
+    def model_gauges(self) -> tuple[Gauge, ...]:
+        """The gauges of a model's occupancy, by its id (`model`) or as `model_name`."""
+        return (
+            self.queue_depth,
+            self.active_sequences,
+            self.kv_reserved_bytes,
+            self.kv_budget_bytes,
+            self.router_waiting,
+            self.router_running,
+            self.router_kv_usage,
+            self.router_kv_usage_before,
+        )
 
     def record_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self.rpc_requests.labels(method, code.name).inc()
@@ -85,14 +143,23 @@ class Metrics:
 
 @dataclass
 class Occupancy:
-    """One model's generations in the engine: `admitted` (queued or running) and `running`."""
+    """One model's generations in the engine: `admitted` (queued or running) and `running`;
+    the KV bytes the running ones reserve and the model's KV budget."""
 
     admitted: int = 0
     running: int = 0
+    kv_bytes: int = 0
+    kv_budget: int = 0
 
     @property
     def queued(self) -> int:
         return self.admitted - self.running
+
+    @property
+    def kv_usage(self) -> float:
+        """`kv_bytes` / `kv_budget`, at most 1 (with nothing else running, a generation larger
+        than the budget joins the batch alone)."""
+        return min(1.0, self.kv_bytes / self.kv_budget) if self.kv_budget else 0.0
 
 
 class MetricsObserver(EngineObserver):
@@ -150,10 +217,25 @@ class MetricsObserver(EngineObserver):
     def models_loaded(self, count: int) -> None:
         self.metrics.models_loaded.set(count)
 
+    def kv_cache(self, model_id: str, reserved_bytes: int, budget_bytes: int) -> None:
+        occupancy = self._occupancy.setdefault(model_id, Occupancy())
+        occupancy.kv_bytes, occupancy.kv_budget = reserved_bytes, budget_bytes
+        if budget_bytes:
+            self._set_gauges(model_id, occupancy)
+            return
+        # Unloaded: a router reads the first series of a name, so none may stay for the model.
+        del self._occupancy[model_id]
+        for gauge in self.metrics.model_gauges():
+            gauge.remove(model_id)
+
+    def draft_tokens(self, model_id: str, proposed: int, accepted: int) -> None:
+        self.metrics.draft_tokens.labels(model_id, "proposed").inc(proposed)
+        self.metrics.draft_tokens.labels(model_id, "accepted").inc(accepted)
+
     def engine_stopped(self) -> None:
         """The engine died: nothing runs or waits any more, and no model serves."""
         for model_id, occupancy in self._occupancy.items():
-            occupancy.admitted = occupancy.running = 0
+            occupancy.admitted = occupancy.running = occupancy.kv_bytes = 0
             self._set_gauges(model_id, occupancy)
         self.metrics.models_loaded.set(0)
 
@@ -164,5 +246,13 @@ class MetricsObserver(EngineObserver):
         self._set_gauges(model_id, occupancy)
 
     def _set_gauges(self, model_id: str, occupancy: Occupancy) -> None:
-        self.metrics.queue_depth.labels(model_id).set(occupancy.queued)
-        self.metrics.active_sequences.labels(model_id).set(occupancy.running)
+        metrics = self.metrics
+        metrics.queue_depth.labels(model_id).set(occupancy.queued)
+        metrics.active_sequences.labels(model_id).set(occupancy.running)
+        metrics.router_waiting.labels(model_id).set(occupancy.queued)
+        metrics.router_running.labels(model_id).set(occupancy.running)
+        if occupancy.kv_budget:  # known once the engine reported the model's budget
+            metrics.kv_reserved_bytes.labels(model_id).set(occupancy.kv_bytes)
+            metrics.kv_budget_bytes.labels(model_id).set(occupancy.kv_budget)
+            metrics.router_kv_usage.labels(model_id).set(occupancy.kv_usage)
+            metrics.router_kv_usage_before.labels(model_id).set(occupancy.kv_usage)

@@ -47,7 +47,16 @@ class ModelService(model_grpc.ModelServiceServicer):
         where = self.source_text(source)
         started = time.monotonic()
         try:
-            info = await self._engine.load_model(source, request.model_id, requested=True)
+            info = await self._engine.load_model(
+                source,
+                request.model_id,
+                requested=True,
+                draft_model_id=request.draft_model_id,
+                draft_tokens=request.draft_tokens if request.HasField("draft_tokens") else None,
+                draft_source=convert.model_source(request.draft_source)
+                if request.HasField("draft_source")
+                else None,
+            )
         except asyncio.CancelledError:
             # The engine does not stop a load its caller gave up on: the model appears later.
             log.info("LoadModel %s from %s: the caller left; loading goes on", model_id, where)

@@ -23,7 +23,7 @@ class Config(_message.Message):
     def __init__(self, server: _Optional[_Union[ServerSettings, _Mapping]] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetrySettings, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., security: _Optional[_Union[SecuritySettings, _Mapping]] = ...) -> None: ...
 
 class ServerSettings(_message.Message):
-    __slots__ = ("host", "port", "shutdown_grace_seconds", "log_level", "max_response_bytes", "tls", "max_request_bytes", "max_streams_per_client", "max_subscriptions_per_client")
+    __slots__ = ("host", "port", "shutdown_grace_seconds", "log_level", "max_response_bytes", "tls", "max_request_bytes", "max_streams_per_client", "max_subscriptions_per_client", "drain_delay_seconds")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class ServerSettings(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     MAX_SUBSCRIPTIONS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
     shutdown_grace_seconds: float
@@ -42,7 +43,8 @@ class ServerSettings(_message.Message):
     max_request_bytes: int
     max_streams_per_client: int
     max_subscriptions_per_client: int
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ..., max_response_bytes: _Optional[int] = ..., tls: _Optional[_Union[TlsSettings, _Mapping]] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_subscriptions_per_client: _Optional[int] = ...) -> None: ...
+    drain_delay_seconds: float
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., shutdown_grace_seconds: _Optional[float] = ..., log_level: _Optional[str] = ..., max_response_bytes: _Optional[int] = ..., tls: _Optional[_Union[TlsSettings, _Mapping]] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_subscriptions_per_client: _Optional[int] = ..., drain_delay_seconds: _Optional[float] = ...) -> None: ...
 
 class TlsSettings(_message.Message):
     __slots__ = ("cert_file", "key_file", "client_ca_file")
@@ -79,7 +81,7 @@ class SecuritySettings(_message.Message):
     def __init__(self, tokens_file: _Optional[str] = ..., tokens_env: _Optional[str] = ..., protect_health: _Optional[bool] = ..., allow_loading: _Optional[bool] = ..., model_roots: _Optional[_Iterable[str]] = ..., allow_hugging_face: _Optional[bool] = ..., hugging_face_organizations: _Optional[_Iterable[str]] = ..., trust_remote_code: _Optional[bool] = ..., max_loaded_models: _Optional[int] = ..., max_loaded_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes", "max_constraint_bytes", "max_prompt_tokens", "max_generation_tokens", "max_request_tokens", "max_stop_strings", "max_engine_restarts", "engine_restart_backoff_seconds", "fused_sampler", "native_kernels", "jemalloc", "max_kv_bytes", "kv_memory_fraction", "capacity_context_tokens")
+    __slots__ = ("max_batch_size", "max_queued_requests", "prefill_batch_size", "prefill_step_size", "coalesce_seconds", "prefix_cache_bytes", "prefix_cache_entries", "retry_after_seconds", "wedge_timeout_seconds", "prefill_gather_seconds", "fuse_projections", "decode_attention_kernel", "cudnn_prefill_attention", "default_context_length", "tokenizer_threads", "chat_template_workers", "chat_template_timeout_seconds", "max_concurrent_tokenize", "max_tokenize_bytes", "max_constraint_bytes", "max_prompt_tokens", "max_generation_tokens", "max_request_tokens", "max_stop_strings", "max_engine_restarts", "engine_restart_backoff_seconds", "fused_sampler", "native_kernels", "jemalloc", "max_kv_bytes", "kv_memory_fraction", "capacity_context_tokens", "prefill_buckets", "prefill_pacing")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,8 @@ class EngineSettings(_message.Message):
     MAX_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_MEMORY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PACING_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queued_requests: int
     prefill_batch_size: int
@@ -144,7 +148,9 @@ class EngineSettings(_message.Message):
     max_kv_bytes: int
     kv_memory_fraction: float
     capacity_context_tokens: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_generation_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_engine_restarts: _Optional[int] = ..., engine_restart_backoff_seconds: _Optional[float] = ..., fused_sampler: _Optional[bool] = ..., native_kernels: _Optional[bool] = ..., jemalloc: _Optional[bool] = ..., max_kv_bytes: _Optional[int] = ..., kv_memory_fraction: _Optional[float] = ..., capacity_context_tokens: _Optional[int] = ...) -> None: ...
+    prefill_buckets: str
+    prefill_pacing: float
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., prefill_batch_size: _Optional[int] = ..., prefill_step_size: _Optional[int] = ..., coalesce_seconds: _Optional[float] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., wedge_timeout_seconds: _Optional[float] = ..., prefill_gather_seconds: _Optional[float] = ..., fuse_projections: _Optional[bool] = ..., decode_attention_kernel: _Optional[bool] = ..., cudnn_prefill_attention: _Optional[bool] = ..., default_context_length: _Optional[int] = ..., tokenizer_threads: _Optional[int] = ..., chat_template_workers: _Optional[int] = ..., chat_template_timeout_seconds: _Optional[float] = ..., max_concurrent_tokenize: _Optional[int] = ..., max_tokenize_bytes: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_generation_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_engine_restarts: _Optional[int] = ..., engine_restart_backoff_seconds: _Optional[float] = ..., fused_sampler: _Optional[bool] = ..., native_kernels: _Optional[bool] = ..., jemalloc: _Optional[bool] = ..., max_kv_bytes: _Optional[int] = ..., kv_memory_fraction: _Optional[float] = ..., capacity_context_tokens: _Optional[int] = ..., prefill_buckets: _Optional[str] = ..., prefill_pacing: _Optional[float] = ...) -> None: ...
 
 class TelemetrySettings(_message.Message):
     __slots__ = ("enabled", "service_name", "prometheus_port", "export_interval_ms", "otlp_endpoint", "prometheus_host")
@@ -163,9 +169,13 @@ class TelemetrySettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., service_name: _Optional[str] = ..., prometheus_port: _Optional[int] = ..., export_interval_ms: _Optional[int] = ..., otlp_endpoint: _Optional[str] = ..., prometheus_host: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("model_id", "source")
+    __slots__ = ("model_id", "source", "draft_model_id", "draft_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     source: _model_service_pb2.ModelSource
-    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[_model_service_pb2.ModelSource, _Mapping]] = ...) -> None: ...
+    draft_model_id: str
+    draft_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[_model_service_pb2.ModelSource, _Mapping]] = ..., draft_model_id: _Optional[str] = ..., draft_tokens: _Optional[int] = ...) -> None: ...

@@ -191,7 +191,7 @@ class TokenGenerated(_message.Message):
     def __init__(self, model: _Optional[str] = ..., token: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., end_of_sequence: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GenerationCompleted(_message.Message):
-    __slots__ = ("model", "tokens_generated", "duration", "throughput", "finish_reason", "metadata")
+    __slots__ = ("model", "tokens_generated", "duration", "throughput", "finish_reason", "metadata", "draft_tokens_proposed", "draft_tokens_accepted", "draft_acceptance_rate")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -205,13 +205,19 @@ class GenerationCompleted(_message.Message):
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     tokens_generated: int
     duration: _duration_pb2.Duration
     throughput: float
     finish_reason: _generate_service_pb2.FinishReason
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., throughput: _Optional[float] = ..., finish_reason: _Optional[_Union[_generate_service_pb2.FinishReason, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    draft_tokens_proposed: int
+    draft_tokens_accepted: int
+    draft_acceptance_rate: float
+    def __init__(self, model: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., throughput: _Optional[float] = ..., finish_reason: _Optional[_Union[_generate_service_pb2.FinishReason, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., draft_tokens_proposed: _Optional[int] = ..., draft_tokens_accepted: _Optional[int] = ..., draft_acceptance_rate: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("error", "code", "model", "metadata")

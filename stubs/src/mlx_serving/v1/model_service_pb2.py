@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"mlx_serving/v1/model_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x0bModelSource\x12 \n\nlocal_path\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80 H\x00\x12\x37\n\x0chugging_face\x18\x02 \x01(\x0b\x32\x1f.mlx_serving.v1.HuggingFaceRepoH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"\xc5\x01\n\x0fHuggingFaceRepo\x12U\n\x07repo_id\x18\x01 \x01(\tBD\xbaHAr?\x18\xc8\x01\x32:^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$\x12[\n\x08revision\x18\x02 \x01(\tBI\xbaHFrD\x18\xc8\x01\x32?^([A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*)?$\">\n\x0cQuantization\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x12\n\ngroup_size\x18\x02 \x01(\r\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\x92\x04\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12+\n\x06source\x18\x02 \x01(\x0b\x32\x1b.mlx_serving.v1.ModelSource\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.mlx_serving.v1.ModelState\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x32\n\x0cquantization\x18\x07 \x01(\x0b\x32\x1c.mlx_serving.v1.Quantization\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12/\n\x0bloaded_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13weight_bytes_loaded\x18\r \x01(\x04\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x0f \x01(\rH\x00\x88\x01\x01\x12?\n\x13generation_defaults\x18\x10 \x01(\x0b\x32\".mlx_serving.v1.GenerationDefaultsB\x0f\n\r_bos_token_id\"\x80\x02\n\x12GenerationDefaults\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\rH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokens\"\x88\x01\n\x10LoadModelRequest\x12?\n\x08model_id\x18\x01 \x01(\tB-\xbaH*r(2&^([A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$\x12\x33\n\x06source\x18\x02 \x01(\x0b\x32\x1b.mlx_serving.v1.ModelSourceB\x06\xbaH\x03\xc8\x01\x01\"9\n\x11LoadModelResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.mlx_serving.v1.Model\"2\n\x12UnloadModelRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"\x15\n\x13UnloadModelResponse\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.mlx_serving.v1.Model\"/\n\x0fGetModelRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"8\n\x10GetModelResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.mlx_serving.v1.Model*Y\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x32\xdc\x02\n\x0cModelService\x12P\n\tLoadModel\x12 .mlx_serving.v1.LoadModelRequest\x1a!.mlx_serving.v1.LoadModelResponse\x12V\n\x0bUnloadModel\x12\".mlx_serving.v1.UnloadModelRequest\x1a#.mlx_serving.v1.UnloadModelResponse\x12S\n\nListModels\x12!.mlx_serving.v1.ListModelsRequest\x1a\".mlx_serving.v1.ListModelsResponse\x12M\n\x08GetModel\x12\x1f.mlx_serving.v1.GetModelRequest\x1a .mlx_serving.v1.GetModelResponseB\x84\x01\n\x11\x64\x65v.mlxserving.v1B\x11ModelServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"mlx_serving/v1/model_service.proto\x12\x0emlx_serving.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x0bModelSource\x12 \n\nlocal_path\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80 H\x00\x12\x37\n\x0chugging_face\x18\x02 \x01(\x0b\x32\x1f.mlx_serving.v1.HuggingFaceRepoH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"\xc5\x01\n\x0fHuggingFaceRepo\x12U\n\x07repo_id\x18\x01 \x01(\tBD\xbaHAr?\x18\xc8\x01\x32:^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$\x12[\n\x08revision\x18\x02 \x01(\tBI\xbaHFrD\x18\xc8\x01\x32?^([A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*)?$\">\n\x0cQuantization\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x12\n\ngroup_size\x18\x02 \x01(\r\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\xc0\x04\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12+\n\x06source\x18\x02 \x01(\x0b\x32\x1b.mlx_serving.v1.ModelSource\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.mlx_serving.v1.ModelState\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x32\n\x0cquantization\x18\x07 \x01(\x0b\x32\x1c.mlx_serving.v1.Quantization\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12/\n\x0bloaded_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13weight_bytes_loaded\x18\r \x01(\x04\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x0f \x01(\rH\x00\x88\x01\x01\x12?\n\x13generation_defaults\x18\x10 \x01(\x0b\x32\".mlx_serving.v1.GenerationDefaults\x12\x16\n\x0e\x64raft_model_id\x18\x11 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x12 \x01(\rB\x0f\n\r_bos_token_id\"\x80\x02\n\x12GenerationDefaults\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\rH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokens\"\xc3\x02\n\x10LoadModelRequest\x12?\n\x08model_id\x18\x01 \x01(\tB-\xbaH*r(2&^([A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$\x12\x33\n\x06source\x18\x02 \x01(\x0b\x32\x1b.mlx_serving.v1.ModelSourceB\x06\xbaH\x03\xc8\x01\x01\x12\x44\n\x0e\x64raft_model_id\x18\x03 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$H\x00\x12\x33\n\x0c\x64raft_source\x18\x05 \x01(\x0b\x32\x1b.mlx_serving.v1.ModelSourceH\x00\x12$\n\x0c\x64raft_tokens\x18\x04 \x01(\rB\t\xbaH\x06*\x04\x18\x10(\x01H\x01\x88\x01\x01\x42\x07\n\x05\x64raftB\x0f\n\r_draft_tokens\"9\n\x11LoadModelResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.mlx_serving.v1.Model\"2\n\x12UnloadModelRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"\x15\n\x13UnloadModelResponse\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.mlx_serving.v1.Model\"/\n\x0fGetModelRequest\x12\x1c\n\x08model_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"8\n\x10GetModelResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.mlx_serving.v1.Model*Y\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x32\xdc\x02\n\x0cModelService\x12P\n\tLoadModel\x12 .mlx_serving.v1.LoadModelRequest\x1a!.mlx_serving.v1.LoadModelResponse\x12V\n\x0bUnloadModel\x12\".mlx_serving.v1.UnloadModelRequest\x1a#.mlx_serving.v1.UnloadModelResponse\x12S\n\nListModels\x12!.mlx_serving.v1.ListModelsRequest\x1a\".mlx_serving.v1.ListModelsResponse\x12M\n\x08GetModel\x12\x1f.mlx_serving.v1.GetModelRequest\x1a .mlx_serving.v1.GetModelResponseB\x84\x01\n\x11\x64\x65v.mlxserving.v1B\x11ModelServiceProtoP\x01ZJgithub.com/mlx-serving/mlx-serving/clients/go/gen/mlx_serving/v1;servingv1\xaa\x02\rMlxServing.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,12 +46,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADMODELREQUEST'].fields_by_name['model_id']._serialized_options = b'\272H*r(2&^([A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$'
   _globals['_LOADMODELREQUEST'].fields_by_name['source']._loaded_options = None
   _globals['_LOADMODELREQUEST'].fields_by_name['source']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_LOADMODELREQUEST'].fields_by_name['draft_model_id']._loaded_options = None
+  _globals['_LOADMODELREQUEST'].fields_by_name['draft_model_id']._serialized_options = b'\272H\'r%2#^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$'
+  _globals['_LOADMODELREQUEST'].fields_by_name['draft_tokens']._loaded_options = None
+  _globals['_LOADMODELREQUEST'].fields_by_name['draft_tokens']._serialized_options = b'\272H\006*\004\030\020(\001'
   _globals['_UNLOADMODELREQUEST'].fields_by_name['model_id']._loaded_options = None
   _globals['_UNLOADMODELREQUEST'].fields_by_name['model_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
   _globals['_GETMODELREQUEST'].fields_by_name['model_id']._loaded_options = None
   _globals['_GETMODELREQUEST'].fields_by_name['model_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
-  _globals['_MODELSTATE']._serialized_start=1755
-  _globals['_MODELSTATE']._serialized_end=1844
+  _globals['_MODELSTATE']._serialized_start=1988
+  _globals['_MODELSTATE']._serialized_end=2077
   _globals['_MODELSOURCE']._serialized_start=116
   _globals['_MODELSOURCE']._serialized_end=235
   _globals['_HUGGINGFACEREPO']._serialized_start=238
@@ -59,25 +63,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUANTIZATION']._serialized_start=437
   _globals['_QUANTIZATION']._serialized_end=499
   _globals['_MODEL']._serialized_start=502
-  _globals['_MODEL']._serialized_end=1032
-  _globals['_GENERATIONDEFAULTS']._serialized_start=1035
-  _globals['_GENERATIONDEFAULTS']._serialized_end=1291
-  _globals['_LOADMODELREQUEST']._serialized_start=1294
-  _globals['_LOADMODELREQUEST']._serialized_end=1430
-  _globals['_LOADMODELRESPONSE']._serialized_start=1432
-  _globals['_LOADMODELRESPONSE']._serialized_end=1489
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1491
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1541
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1543
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1564
-  _globals['_LISTMODELSREQUEST']._serialized_start=1566
-  _globals['_LISTMODELSREQUEST']._serialized_end=1585
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1587
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1646
-  _globals['_GETMODELREQUEST']._serialized_start=1648
-  _globals['_GETMODELREQUEST']._serialized_end=1695
-  _globals['_GETMODELRESPONSE']._serialized_start=1697
-  _globals['_GETMODELRESPONSE']._serialized_end=1753
-  _globals['_MODELSERVICE']._serialized_start=1847
-  _globals['_MODELSERVICE']._serialized_end=2195
+  _globals['_MODEL']._serialized_end=1078
+  _globals['_GENERATIONDEFAULTS']._serialized_start=1081
+  _globals['_GENERATIONDEFAULTS']._serialized_end=1337
+  _globals['_LOADMODELREQUEST']._serialized_start=1340
+  _globals['_LOADMODELREQUEST']._serialized_end=1663
+  _globals['_LOADMODELRESPONSE']._serialized_start=1665
+  _globals['_LOADMODELRESPONSE']._serialized_end=1722
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1724
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1774
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1776
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1797
+  _globals['_LISTMODELSREQUEST']._serialized_start=1799
+  _globals['_LISTMODELSREQUEST']._serialized_end=1818
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1820
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1879
+  _globals['_GETMODELREQUEST']._serialized_start=1881
+  _globals['_GETMODELREQUEST']._serialized_end=1928
+  _globals['_GETMODELRESPONSE']._serialized_start=1930
+  _globals['_GETMODELRESPONSE']._serialized_end=1986
+  _globals['_MODELSERVICE']._serialized_start=2080
+  _globals['_MODELSERVICE']._serialized_end=2428
 # @@protoc_insertion_point(module_scope)

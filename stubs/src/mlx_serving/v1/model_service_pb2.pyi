@@ -47,7 +47,7 @@ class Quantization(_message.Message):
     def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("model_id", "source", "state", "context_length", "parameter_count", "dtype", "quantization", "vocab_size", "has_chat_template", "architecture", "loaded_time", "weight_bytes", "weight_bytes_loaded", "eos_token_ids", "bos_token_id", "generation_defaults")
+    __slots__ = ("model_id", "source", "state", "context_length", "parameter_count", "dtype", "quantization", "vocab_size", "has_chat_template", "architecture", "loaded_time", "weight_bytes", "weight_bytes_loaded", "eos_token_ids", "bos_token_id", "generation_defaults", "draft_model_id", "draft_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class Model(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     source: ModelSource
     state: ModelState
@@ -80,7 +82,9 @@ class Model(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     bos_token_id: int
     generation_defaults: GenerationDefaults
-    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[ModelSource, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., context_length: _Optional[int] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., architecture: _Optional[str] = ..., loaded_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_bytes_loaded: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., generation_defaults: _Optional[_Union[GenerationDefaults, _Mapping]] = ...) -> None: ...
+    draft_model_id: str
+    draft_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[ModelSource, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., context_length: _Optional[int] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., architecture: _Optional[str] = ..., loaded_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_bytes_loaded: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., generation_defaults: _Optional[_Union[GenerationDefaults, _Mapping]] = ..., draft_model_id: _Optional[str] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerationDefaults(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
@@ -99,12 +103,18 @@ class GenerationDefaults(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model_id", "source")
+    __slots__ = ("model_id", "source", "draft_model_id", "draft_source", "draft_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     source: ModelSource
-    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[ModelSource, _Mapping]] = ...) -> None: ...
+    draft_model_id: str
+    draft_source: ModelSource
+    draft_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[_Union[ModelSource, _Mapping]] = ..., draft_model_id: _Optional[str] = ..., draft_source: _Optional[_Union[ModelSource, _Mapping]] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model",)

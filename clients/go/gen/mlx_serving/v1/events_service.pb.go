@@ -951,9 +951,16 @@ type GenerationCompleted struct {
 	// name and number, rather than deprecated for a new one, as no release carried it.
 	FinishReason FinishReason `protobuf:"varint,5,opt,name=finish_reason,json=finishReason,proto3,enum=mlx_serving.v1.FinishReason" json:"finish_reason,omitempty"`
 	// The request's metadata (GenerateRequest.metadata).
-	Metadata      map[string]string `protobuf:"bytes,6,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Metadata map[string]string `protobuf:"bytes,6,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Speculative decoding (GenerateRequest.draft_tokens): the draft tokens proposed for the
+	// request; 0 when it did not speculate.
+	DraftTokensProposed uint32 `protobuf:"varint,7,opt,name=draft_tokens_proposed,json=draftTokensProposed,proto3" json:"draft_tokens_proposed,omitempty"`
+	// How many of draft_tokens_proposed the model accepted.
+	DraftTokensAccepted uint32 `protobuf:"varint,8,opt,name=draft_tokens_accepted,json=draftTokensAccepted,proto3" json:"draft_tokens_accepted,omitempty"`
+	// draft_tokens_accepted / draft_tokens_proposed; set only when drafts were proposed.
+	DraftAcceptanceRate *float64 `protobuf:"fixed64,9,opt,name=draft_acceptance_rate,json=draftAcceptanceRate,proto3,oneof" json:"draft_acceptance_rate,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *GenerationCompleted) Reset() {
@@ -1026,6 +1033,27 @@ func (x *GenerationCompleted) GetMetadata() map[string]string {
 		return x.Metadata
 	}
 	return nil
+}
+
+func (x *GenerationCompleted) GetDraftTokensProposed() uint32 {
+	if x != nil {
+		return x.DraftTokensProposed
+	}
+	return 0
+}
+
+func (x *GenerationCompleted) GetDraftTokensAccepted() uint32 {
+	if x != nil {
+		return x.DraftTokensAccepted
+	}
+	return 0
+}
+
+func (x *GenerationCompleted) GetDraftAcceptanceRate() float64 {
+	if x != nil && x.DraftAcceptanceRate != nil {
+		return *x.DraftAcceptanceRate
+	}
+	return 0
 }
 
 // Error says something failed.
@@ -1252,7 +1280,7 @@ const file_mlx_serving_v1_events_service_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\b\n" +
 	"\x06_tokenB\n" +
 	"\n" +
-	"\b_logprob\"\xe7\x03\n" +
+	"\b_logprob\"\xbb\x05\n" +
 	"\x13GenerationCompleted\x12\x1d\n" +
 	"\x05model\x18\x01 \x01(\tB\a\xbaH\x04r\x02\x10\x01R\x05model\x126\n" +
 	"\x10tokens_generated\x18\x02 \x01(\rB\x06\xbaH\x03\xc8\x01\x01H\x00R\x0ftokensGenerated\x88\x01\x01\x12=\n" +
@@ -1261,12 +1289,16 @@ const file_mlx_serving_v1_events_service_proto_rawDesc = "" +
 	"throughput\x18\x04 \x01(\x01B\x0e\xbaH\v\x12\t)\x00\x00\x00\x00\x00\x00\x00\x00H\x01R\n" +
 	"throughput\x88\x01\x01\x12K\n" +
 	"\rfinish_reason\x18\x05 \x01(\x0e2\x1c.mlx_serving.v1.FinishReasonB\b\xbaH\x05\x82\x01\x02\x10\x01R\ffinishReason\x12W\n" +
-	"\bmetadata\x18\x06 \x03(\v21.mlx_serving.v1.GenerationCompleted.MetadataEntryB\b\xbaH\x05\x9a\x01\x02\x10@R\bmetadata\x1a;\n" +
+	"\bmetadata\x18\x06 \x03(\v21.mlx_serving.v1.GenerationCompleted.MetadataEntryB\b\xbaH\x05\x9a\x01\x02\x10@R\bmetadata\x122\n" +
+	"\x15draft_tokens_proposed\x18\a \x01(\rR\x13draftTokensProposed\x122\n" +
+	"\x15draft_tokens_accepted\x18\b \x01(\rR\x13draftTokensAccepted\x12P\n" +
+	"\x15draft_acceptance_rate\x18\t \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00H\x02R\x13draftAcceptanceRate\x88\x01\x01\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x13\n" +
 	"\x11_tokens_generatedB\r\n" +
-	"\v_throughput\"\xd8\x01\n" +
+	"\v_throughputB\x18\n" +
+	"\x16_draft_acceptance_rate\"\xd8\x01\n" +
 	"\x05Error\x12\x1d\n" +
 	"\x05error\x18\x01 \x01(\tB\a\xbaH\x04r\x02\x10\x01R\x05error\x12\x12\n" +
 	"\x04code\x18\x02 \x01(\tR\x04code\x12\x14\n" +

@@ -248,7 +248,15 @@ type GenerateRequest struct {
 	TruncatePromptTokens *uint32 `protobuf:"varint,33,opt,name=truncate_prompt_tokens,json=truncatePromptTokens,proto3,oneof" json:"truncate_prompt_tokens,omitempty"`
 	// End the generation after this long, with FINISH_REASON_TIME_LIMIT and what it made so
 	// far. Unlike a gRPC deadline (which cancels the call), the stream ends normally.
-	TimeLimit     *durationpb.Duration `protobuf:"bytes,34,opt,name=time_limit,json=timeLimit,proto3" json:"time_limit,omitempty"`
+	TimeLimit *durationpb.Duration `protobuf:"bytes,34,opt,name=time_limit,json=timeLimit,proto3" json:"time_limit,omitempty"`
+	// Speculative decoding: the tokens the model's draft model (Model.draft_model_id) proposes
+	// per step for this request, 0 for none; unset: the model's Model.draft_tokens. A greedy
+	// request's output is the same as without; a sampled one's follows the same distribution
+	// (speculative sampling, with the request's seed). Requests with penalties, logit bias,
+	// min_tokens or structured output, and requests to a model without a draft, decode as
+	// usual; a request whose drafts are mostly refused stops speculating. Usage reports the
+	// draft tokens proposed and accepted.
+	DraftTokens   *uint32 `protobuf:"varint,35,opt,name=draft_tokens,json=draftTokens,proto3,oneof" json:"draft_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -549,6 +557,13 @@ func (x *GenerateRequest) GetTimeLimit() *durationpb.Duration {
 		return x.TimeLimit
 	}
 	return nil
+}
+
+func (x *GenerateRequest) GetDraftTokens() uint32 {
+	if x != nil && x.DraftTokens != nil {
+		return *x.DraftTokens
+	}
+	return 0
 }
 
 type isGenerateRequest_Prompt interface {
@@ -1262,9 +1277,14 @@ type Usage struct {
 	// Prompt tokens whose KV cache was reused from an earlier request with the same prefix.
 	CachedPromptTokens uint32 `protobuf:"varint,6,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
 	// From the request's arrival to the start of its prefill: time spent waiting for a batch slot.
-	QueueTime     *durationpb.Duration `protobuf:"bytes,7,opt,name=queue_time,json=queueTime,proto3" json:"queue_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	QueueTime *durationpb.Duration `protobuf:"bytes,7,opt,name=queue_time,json=queueTime,proto3" json:"queue_time,omitempty"`
+	// Speculative decoding (GenerateRequest.draft_tokens): the draft model's tokens proposed
+	// for this request.
+	DraftTokensProposed uint32 `protobuf:"varint,8,opt,name=draft_tokens_proposed,json=draftTokensProposed,proto3" json:"draft_tokens_proposed,omitempty"`
+	// How many of draft_tokens_proposed the model accepted (each one a decode step saved).
+	DraftTokensAccepted uint32 `protobuf:"varint,9,opt,name=draft_tokens_accepted,json=draftTokensAccepted,proto3" json:"draft_tokens_accepted,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -1344,6 +1364,20 @@ func (x *Usage) GetQueueTime() *durationpb.Duration {
 		return x.QueueTime
 	}
 	return nil
+}
+
+func (x *Usage) GetDraftTokensProposed() uint32 {
+	if x != nil {
+		return x.DraftTokensProposed
+	}
+	return 0
+}
+
+func (x *Usage) GetDraftTokensAccepted() uint32 {
+	if x != nil {
+		return x.DraftTokensAccepted
+	}
+	return 0
 }
 
 // GenerateResponse is one piece of a streamed completion.
@@ -1508,7 +1542,7 @@ var File_mlx_serving_v1_generate_service_proto protoreflect.FileDescriptor
 
 const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"\n" +
-	"%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xdb\x10\n" +
+	"%mlx_serving/v1/generate_service.proto\x12\x0emlx_serving.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x9d\x11\n" +
 	"\x0fGenerateRequest\x12%\n" +
 	"\bmodel_id\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\amodelId\x12\"\n" +
@@ -1568,7 +1602,8 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"min_tokens\x18  \x01(\rB\t\xbaH\x06*\x04\x18\x80\x80\bR\tminTokens\x12B\n" +
 	"\x16truncate_prompt_tokens\x18! \x01(\rB\a\xbaH\x04*\x02(\x01H\x0eR\x14truncatePromptTokens\x88\x01\x01\x12H\n" +
 	"\n" +
-	"time_limit\x18\" \x01(\v2\x19.google.protobuf.DurationB\x0e\xbaH\v\xaa\x01\b\"\x04\b\x80\xa3\x05*\x00R\ttimeLimit\x1a<\n" +
+	"time_limit\x18\" \x01(\v2\x19.google.protobuf.DurationB\x0e\xbaH\v\xaa\x01\b\"\x04\b\x80\xa3\x05*\x00R\ttimeLimit\x12/\n" +
+	"\fdraft_tokens\x18# \x01(\rB\a\xbaH\x04*\x02\x18\x10H\x0fR\vdraftTokens\x88\x01\x01\x1a<\n" +
 	"\x0eLogitBiasEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01\x1a;\n" +
@@ -1590,7 +1625,8 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"\x10_penalty_contextB\x12\n" +
 	"\x10_prompt_logprobsB\x04\n" +
 	"\x02_nB\x19\n" +
-	"\x17_truncate_prompt_tokens\"\f\n" +
+	"\x17_truncate_prompt_tokensB\x0f\n" +
+	"\r_draft_tokens\"\f\n" +
 	"\n" +
 	"JsonObject\":\n" +
 	"\x06Choice\x120\n" +
@@ -1636,7 +1672,7 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"\alogprob\x18\x03 \x01(\x02R\alogprob\"n\n" +
 	"\bLogprobs\x122\n" +
 	"\x05token\x18\x01 \x01(\v2\x1c.mlx_serving.v1.TokenLogprobR\x05token\x12.\n" +
-	"\x03top\x18\x02 \x03(\v2\x1c.mlx_serving.v1.TokenLogprobR\x03top\"\xf5\x02\n" +
+	"\x03top\x18\x02 \x03(\v2\x1c.mlx_serving.v1.TokenLogprobR\x03top\"\xdd\x03\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\rR\x10completionTokens\x12H\n" +
@@ -1646,7 +1682,9 @@ const file_mlx_serving_v1_generate_service_proto_rawDesc = "" +
 	"total_time\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\ttotalTime\x120\n" +
 	"\x14cached_prompt_tokens\x18\x06 \x01(\rR\x12cachedPromptTokens\x128\n" +
 	"\n" +
-	"queue_time\x18\a \x01(\v2\x19.google.protobuf.DurationR\tqueueTime\"\xc3\x04\n" +
+	"queue_time\x18\a \x01(\v2\x19.google.protobuf.DurationR\tqueueTime\x122\n" +
+	"\x15draft_tokens_proposed\x18\b \x01(\rR\x13draftTokensProposed\x122\n" +
+	"\x15draft_tokens_accepted\x18\t \x01(\rR\x13draftTokensAccepted\"\xc3\x04\n" +
 	"\x10GenerateResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x12\n" +

@@ -320,8 +320,13 @@ type Model struct {
 	// The model's own default sampling parameters (generation_config.json); requests that
 	// leave a parameter unset still get the server's default, not these.
 	GenerationDefaults *GenerationDefaults `protobuf:"bytes,16,opt,name=generation_defaults,json=generationDefaults,proto3" json:"generation_defaults,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Speculative decoding: the draft model paired with this one (LoadModelRequest.
+	// draft_model_id); empty for none.
+	DraftModelId string `protobuf:"bytes,17,opt,name=draft_model_id,json=draftModelId,proto3" json:"draft_model_id,omitempty"`
+	// With a draft model: the draft tokens per step of a request that does not say.
+	DraftTokens   uint32 `protobuf:"varint,18,opt,name=draft_tokens,json=draftTokens,proto3" json:"draft_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Model) Reset() {
@@ -466,6 +471,20 @@ func (x *Model) GetGenerationDefaults() *GenerationDefaults {
 	return nil
 }
 
+func (x *Model) GetDraftModelId() string {
+	if x != nil {
+		return x.DraftModelId
+	}
+	return ""
+}
+
+func (x *Model) GetDraftTokens() uint32 {
+	if x != nil {
+		return x.DraftTokens
+	}
+	return 0
+}
+
 // GenerationDefaults are the sampling parameters a model's authors recommend.
 type GenerationDefaults struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -564,7 +583,22 @@ type LoadModelRequest struct {
 	// (the directory name, or the repository name).
 	ModelId string `protobuf:"bytes,1,opt,name=model_id,json=modelId,proto3" json:"model_id,omitempty"`
 	// Where to load it from.
-	Source        *ModelSource `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	Source *ModelSource `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	// Speculative decoding: a draft model to pair with this one. Each decode step it proposes
+	// draft tokens for the requests that ask for them, and this model verifies them all in one
+	// batched pass; greedy output is unchanged. It must have the same tokenizer vocabulary and
+	// special tokens, and neither model may use a KV cache that cannot be rolled back
+	// (FAILED_PRECONDITION otherwise, and this model is not kept). Unloading either model
+	// dissolves the pair: requests in flight finish without speculation.
+	//
+	// Types that are valid to be assigned to Draft:
+	//
+	//	*LoadModelRequest_DraftModelId
+	//	*LoadModelRequest_DraftSource
+	Draft isLoadModelRequest_Draft `protobuf_oneof:"draft"`
+	// With a draft: the draft tokens per step of a request that leaves
+	// GenerateRequest.draft_tokens unset (default 4).
+	DraftTokens   *uint32 `protobuf:"varint,4,opt,name=draft_tokens,json=draftTokens,proto3,oneof" json:"draft_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -612,6 +646,58 @@ func (x *LoadModelRequest) GetSource() *ModelSource {
 	}
 	return nil
 }
+
+func (x *LoadModelRequest) GetDraft() isLoadModelRequest_Draft {
+	if x != nil {
+		return x.Draft
+	}
+	return nil
+}
+
+func (x *LoadModelRequest) GetDraftModelId() string {
+	if x != nil {
+		if x, ok := x.Draft.(*LoadModelRequest_DraftModelId); ok {
+			return x.DraftModelId
+		}
+	}
+	return ""
+}
+
+func (x *LoadModelRequest) GetDraftSource() *ModelSource {
+	if x != nil {
+		if x, ok := x.Draft.(*LoadModelRequest_DraftSource); ok {
+			return x.DraftSource
+		}
+	}
+	return nil
+}
+
+func (x *LoadModelRequest) GetDraftTokens() uint32 {
+	if x != nil && x.DraftTokens != nil {
+		return *x.DraftTokens
+	}
+	return 0
+}
+
+type isLoadModelRequest_Draft interface {
+	isLoadModelRequest_Draft()
+}
+
+type LoadModelRequest_DraftModelId struct {
+	// A model already loaded (state MODEL_STATE_READY).
+	DraftModelId string `protobuf:"bytes,3,opt,name=draft_model_id,json=draftModelId,proto3,oneof"`
+}
+
+type LoadModelRequest_DraftSource struct {
+	// A model to load first, as LoadModel would, under the id "<model_id>-draft" (a model
+	// already there from the same source is used as it is). It stays loaded, listed as any
+	// model, if this one is unloaded; if this one fails to load or pair, it is unloaded again.
+	DraftSource *ModelSource `protobuf:"bytes,5,opt,name=draft_source,json=draftSource,proto3,oneof"`
+}
+
+func (*LoadModelRequest_DraftModelId) isLoadModelRequest_Draft() {}
+
+func (*LoadModelRequest_DraftSource) isLoadModelRequest_Draft() {}
 
 // LoadModelResponse describes the model once loaded.
 type LoadModelResponse struct {
@@ -935,7 +1021,7 @@ const file_mlx_serving_v1_model_service_proto_rawDesc = "" +
 	"\x04bits\x18\x01 \x01(\rR\x04bits\x12\x1d\n" +
 	"\n" +
 	"group_size\x18\x02 \x01(\rR\tgroupSize\x12\x12\n" +
-	"\x04mode\x18\x03 \x01(\tR\x04mode\"\xe1\x05\n" +
+	"\x04mode\x18\x03 \x01(\tR\x04mode\"\xaa\x06\n" +
 	"\x05Model\x12\x19\n" +
 	"\bmodel_id\x18\x01 \x01(\tR\amodelId\x123\n" +
 	"\x06source\x18\x02 \x01(\v2\x1b.mlx_serving.v1.ModelSourceR\x06source\x120\n" +
@@ -956,7 +1042,9 @@ const file_mlx_serving_v1_model_service_proto_rawDesc = "" +
 	"\reos_token_ids\x18\x0e \x03(\rR\veosTokenIds\x12%\n" +
 	"\fbos_token_id\x18\x0f \x01(\rH\x00R\n" +
 	"bosTokenId\x88\x01\x01\x12S\n" +
-	"\x13generation_defaults\x18\x10 \x01(\v2\".mlx_serving.v1.GenerationDefaultsR\x12generationDefaultsB\x0f\n" +
+	"\x13generation_defaults\x18\x10 \x01(\v2\".mlx_serving.v1.GenerationDefaultsR\x12generationDefaults\x12$\n" +
+	"\x0edraft_model_id\x18\x11 \x01(\tR\fdraftModelId\x12!\n" +
+	"\fdraft_tokens\x18\x12 \x01(\rR\vdraftTokensB\x0f\n" +
 	"\r_bos_token_id\"\xc0\x02\n" +
 	"\x12GenerationDefaults\x12%\n" +
 	"\vtemperature\x18\x01 \x01(\x02H\x00R\vtemperature\x88\x01\x01\x12\x18\n" +
@@ -970,10 +1058,15 @@ const file_mlx_serving_v1_model_service_proto_rawDesc = "" +
 	"\x06_top_kB\b\n" +
 	"\x06_min_pB\x15\n" +
 	"\x13_repetition_penaltyB\x11\n" +
-	"\x0f_max_new_tokens\"\x99\x01\n" +
+	"\x0f_max_new_tokens\"\xfc\x02\n" +
 	"\x10LoadModelRequest\x12H\n" +
 	"\bmodel_id\x18\x01 \x01(\tB-\xbaH*r(2&^([A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$R\amodelId\x12;\n" +
-	"\x06source\x18\x02 \x01(\v2\x1b.mlx_serving.v1.ModelSourceB\x06\xbaH\x03\xc8\x01\x01R\x06source\"@\n" +
+	"\x06source\x18\x02 \x01(\v2\x1b.mlx_serving.v1.ModelSourceB\x06\xbaH\x03\xc8\x01\x01R\x06source\x12R\n" +
+	"\x0edraft_model_id\x18\x03 \x01(\tB*\xbaH'r%2#^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$H\x00R\fdraftModelId\x12@\n" +
+	"\fdraft_source\x18\x05 \x01(\v2\x1b.mlx_serving.v1.ModelSourceH\x00R\vdraftSource\x121\n" +
+	"\fdraft_tokens\x18\x04 \x01(\rB\t\xbaH\x06*\x04\x18\x10(\x01H\x01R\vdraftTokens\x88\x01\x01B\a\n" +
+	"\x05draftB\x0f\n" +
+	"\r_draft_tokens\"@\n" +
 	"\x11LoadModelResponse\x12+\n" +
 	"\x05model\x18\x01 \x01(\v2\x15.mlx_serving.v1.ModelR\x05model\";\n" +
 	"\x12UnloadModelRequest\x12%\n" +
@@ -1040,22 +1133,23 @@ var file_mlx_serving_v1_model_service_proto_depIdxs = []int32{
 	14, // 4: mlx_serving.v1.Model.loaded_time:type_name -> google.protobuf.Timestamp
 	5,  // 5: mlx_serving.v1.Model.generation_defaults:type_name -> mlx_serving.v1.GenerationDefaults
 	1,  // 6: mlx_serving.v1.LoadModelRequest.source:type_name -> mlx_serving.v1.ModelSource
-	4,  // 7: mlx_serving.v1.LoadModelResponse.model:type_name -> mlx_serving.v1.Model
-	4,  // 8: mlx_serving.v1.ListModelsResponse.models:type_name -> mlx_serving.v1.Model
-	4,  // 9: mlx_serving.v1.GetModelResponse.model:type_name -> mlx_serving.v1.Model
-	6,  // 10: mlx_serving.v1.ModelService.LoadModel:input_type -> mlx_serving.v1.LoadModelRequest
-	8,  // 11: mlx_serving.v1.ModelService.UnloadModel:input_type -> mlx_serving.v1.UnloadModelRequest
-	10, // 12: mlx_serving.v1.ModelService.ListModels:input_type -> mlx_serving.v1.ListModelsRequest
-	12, // 13: mlx_serving.v1.ModelService.GetModel:input_type -> mlx_serving.v1.GetModelRequest
-	7,  // 14: mlx_serving.v1.ModelService.LoadModel:output_type -> mlx_serving.v1.LoadModelResponse
-	9,  // 15: mlx_serving.v1.ModelService.UnloadModel:output_type -> mlx_serving.v1.UnloadModelResponse
-	11, // 16: mlx_serving.v1.ModelService.ListModels:output_type -> mlx_serving.v1.ListModelsResponse
-	13, // 17: mlx_serving.v1.ModelService.GetModel:output_type -> mlx_serving.v1.GetModelResponse
-	14, // [14:18] is the sub-list for method output_type
-	10, // [10:14] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	1,  // 7: mlx_serving.v1.LoadModelRequest.draft_source:type_name -> mlx_serving.v1.ModelSource
+	4,  // 8: mlx_serving.v1.LoadModelResponse.model:type_name -> mlx_serving.v1.Model
+	4,  // 9: mlx_serving.v1.ListModelsResponse.models:type_name -> mlx_serving.v1.Model
+	4,  // 10: mlx_serving.v1.GetModelResponse.model:type_name -> mlx_serving.v1.Model
+	6,  // 11: mlx_serving.v1.ModelService.LoadModel:input_type -> mlx_serving.v1.LoadModelRequest
+	8,  // 12: mlx_serving.v1.ModelService.UnloadModel:input_type -> mlx_serving.v1.UnloadModelRequest
+	10, // 13: mlx_serving.v1.ModelService.ListModels:input_type -> mlx_serving.v1.ListModelsRequest
+	12, // 14: mlx_serving.v1.ModelService.GetModel:input_type -> mlx_serving.v1.GetModelRequest
+	7,  // 15: mlx_serving.v1.ModelService.LoadModel:output_type -> mlx_serving.v1.LoadModelResponse
+	9,  // 16: mlx_serving.v1.ModelService.UnloadModel:output_type -> mlx_serving.v1.UnloadModelResponse
+	11, // 17: mlx_serving.v1.ModelService.ListModels:output_type -> mlx_serving.v1.ListModelsResponse
+	13, // 18: mlx_serving.v1.ModelService.GetModel:output_type -> mlx_serving.v1.GetModelResponse
+	15, // [15:19] is the sub-list for method output_type
+	11, // [11:15] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_mlx_serving_v1_model_service_proto_init() }
@@ -1069,6 +1163,10 @@ func file_mlx_serving_v1_model_service_proto_init() {
 	}
 	file_mlx_serving_v1_model_service_proto_msgTypes[3].OneofWrappers = []any{}
 	file_mlx_serving_v1_model_service_proto_msgTypes[4].OneofWrappers = []any{}
+	file_mlx_serving_v1_model_service_proto_msgTypes[5].OneofWrappers = []any{
+		(*LoadModelRequest_DraftModelId)(nil),
+		(*LoadModelRequest_DraftSource)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
