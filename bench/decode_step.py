@@ -1,7 +1,9 @@
-"""Where a steady decode step's time goes, with and without the decode attention kernel.
+"""Where a steady decode step's time goes: with and without the decode attention kernel, and
+with and without the compiled decode layers (fusion.CompiledDecodeBlock; here at every batch
+size measured, whatever the engine's COMPILED_BATCH, so the figures can set that bound).
 
 mlx-lm's BatchGenerator decodes a full batch (every sequence prefilled, none finishing) on the
-fused model, alternating kernel on / off within every round. Per step it splits the time into
+fused model, alternating the variants within every round. Per step it splits the time into
 building the model's graph in Python (`build`), `mx.async_eval` launching it (`dispatch`),
 `mx.eval` waiting for the previous step's tokens (`wait`) and mlx-lm's own bookkeeping
 (`other`). On a GPU, `wait` near zero means the step is bound by the host. The kernel runs
@@ -29,6 +31,7 @@ SETTLE_STEPS = 20
 COLUMNS = [
     report.Column("batch", "batch"),
     report.Column("kernel", "kernel"),
+    report.Column("compiled", "compiled"),
     report.Column("step ms", "step_ms", ".2f"),
     report.Column("build", "build_ms", ".2f"),
     report.Column("dispatch", "dispatch_ms", ".2f"),
@@ -90,10 +93,16 @@ def timed_phases(model, spent: dict[str, float]):
         generate.mx = mx
 
 
-def set_kernel(model, on: bool) -> None:
+# (decode attention kernel, compiled decode layers)
+VARIANTS = ((True, True), (True, False), (False, False))
+
+
+def set_variant(model, kernel: bool, compiled: bool) -> None:
     for module in model.modules():
         if hasattr(type(module), "decode_kernel"):
-            module.decode_kernel = on
+            module.decode_kernel = kernel
+        if hasattr(type(module), "compiled_decode"):
+            module.compiled_decode = compiled
 
 
 def steady_generator(model, batch: int):
@@ -139,45 +148,53 @@ def run(args) -> dict:
     import mlx.core as mx
     from mlx_lm import load
 
-    from mlx_serving.engine import decode_attention
+    from mlx_serving.engine import decode_attention, fusion
     from mlx_serving.engine.fusion import fuse_projections
 
     model, _ = load(str(chosen_model_path(args)))
-    fuse_projections(model)
+    fuse_projections(model, compile_decode=True)
+    fusion.COMPILED_BATCH = max(args.batch)
     print(f"MLX {mx.__version__} on {mx.default_device()}", flush=True)
     spent = dict.fromkeys(PHASES, 0.0)
-    runs: dict[tuple[int, bool], list[dict]] = {}
+    runs: dict[tuple[int, bool, bool], list[dict]] = {}
     with timed_phases(model, spent):
         for round_ in range(args.rounds):
-            order = (True, False) if round_ % 2 == 0 else (False, True)
+            order = VARIANTS[round_ % 3 :] + VARIANTS[: round_ % 3]
             for batch in args.batch:
-                for kernel in order:
-                    set_kernel(model, kernel)
+                for kernel, compiled in order:
+                    set_variant(model, kernel, compiled)
                     one = time_steps(model, batch, args.steps, spent)
-                    runs.setdefault((batch, kernel), []).append(one)
+                    runs.setdefault((batch, kernel, compiled), []).append(one)
                     print(
-                        f"  round {round_ + 1} batch {batch} kernel {'on' if kernel else 'off'}: "
+                        f"  round {round_ + 1} batch {batch} kernel {'on' if kernel else 'off'}"
+                        f" compiled {'on' if compiled else 'off'}: "
                         f"step {one['step_ms']:.2f} ms, {one['tok_s']:,.0f} tok/s",
                         flush=True,
                     )
-    rows = [summarize(batch, kernel, values) for (batch, kernel), values in sorted(runs.items())]
+    rows = [summarize(*variant, values) for variant, values in sorted(runs.items())]
     ratios = []
     for batch in args.batch:
-        on, off = (statistics.median(r["tok_s"] for r in runs[batch, k]) for k in (True, False))
-        per_round = [
-            a["tok_s"] / b["tok_s"]
-            for a, b in zip(runs[batch, True], runs[batch, False], strict=True)
-        ]
-        ratios.append(
-            report.ratio_entry("kernel on/off", on / off, per_round, batch=batch, metric="tok_s")
-        )
-    checks = [report.check_entry("kernel runs here", decode_attention.kernel_here())]
+        for name, a, b in (
+            ("kernel on/off", (True, False), (False, False)),
+            ("compiled on/off", (True, True), (True, False)),
+        ):
+            ratios.append(ratio(runs[(batch, *a)], runs[(batch, *b)], name, batch))
+    checks = [
+        report.check_entry("kernel runs here", decode_attention.kernel_here()),
+        report.check_entry("compiled decode up to batch", fusion.COMPILED_BATCH),
+    ]
     return report.make_report("decode-step", args, rows, ratios, checks)
 
 
-def summarize(batch: int, kernel: bool, values: list[dict]) -> dict:
+def ratio(on: list[dict], off: list[dict], name: str, batch: int) -> dict:
+    per_round = [a["tok_s"] / b["tok_s"] for a, b in zip(on, off, strict=True)]
+    value = statistics.median(r["tok_s"] for r in on) / statistics.median(r["tok_s"] for r in off)
+    return report.ratio_entry(name, value, per_round, batch=batch, metric="tok_s")
+
+
+def summarize(batch: int, kernel: bool, compiled: bool, values: list[dict]) -> dict:
     """Medians over rounds of each phase, and tok/s round by round."""
-    row = {"batch": batch, "kernel": kernel}
+    row = {"batch": batch, "kernel": kernel, "compiled": compiled}
     for key in ("step_ms", *(f"{phase}_ms" for phase in PHASES), "other_ms", "tok_s"):
         row[key] = statistics.median(value[key] for value in values)
     row["tok_s_rounds"] = [value["tok_s"] for value in values]

@@ -4,8 +4,10 @@
 it ends, so the batch stays full). After `--settle` seconds, the running streams' inter-token
 gaps over `--steady-seconds` are the steady state; then one request with a `--long-tokens`
 prompt arrives, and the gaps the running streams see from its arrival to its first token (its
-prefill, chunked `engine.prefill_step_size` tokens a step between decode steps) are compared
-with them. Check: the gaps' p99 during the prefill is at most 3x the steady p99.
+prefill, chunked `engine.prefill_step_size` tokens a step between decode steps, or paced by
+`engine.prefill_pacing`) are compared with them. Check: the gaps' p99 during the prefill is at
+most 3x the steady p99. Every stream sees each step's gap, so a prefill of few steps has a p99
+that is its worst step or two: the step that joins the long prompt to the batch counts too.
 """
 
 from __future__ import annotations

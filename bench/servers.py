@@ -114,6 +114,9 @@ def serve_command() -> list[str]:
     return [sys.executable, "-m", "mlx_serving.server.cli", "serve"]
 
 
+ONE_CLIENT_ENVIRONMENT = {"MLX_SERVING_SERVER_MAX_STREAMS_PER_CLIENT": "100000"}
+
+
 def engine_environment(settings: dict) -> dict[str, str]:
     """Engine settings as the server reads them from its environment (docs/CONFIG.md)."""
     return {f"{ENGINE_ENV_PREFIX}{key.upper()}": env_value(v) for key, v in settings.items()}
@@ -149,7 +152,10 @@ class MlxServingBackend(ServerBackend):
     ):
         argv = [*serve_command(), "--host", HOST, "--port", "0"]
         argv += ["--model", f"{MODEL_ID}={model}", *extra_args]
-        self.server = ServerProcess(self.name, argv, engine_environment(engine_settings))
+        # The benchmark is one client with all the streams: the server's per-client bound
+        # (64 by default, a guard against one greedy client) would refuse the 65th.
+        environment = {**engine_environment(engine_settings), **ONE_CLIENT_ENVIRONMENT}
+        self.server = ServerProcess(self.name, argv, environment)
         self.startup_timeout = startup_timeout
         self.channel = None
 

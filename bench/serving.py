@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mlx_serving.engine.config import EngineConfig
 
-from . import report
+from . import engine_stats, report
 from .backends import ENGINE, STOCK, EngineBackend, StockBackend
 from .client import Prompt, describe_lengths, make_prompts
 from .levels import LevelResult, Round, measure, summarize
@@ -103,6 +105,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
+        "--engine-stats",
+        type=Path,
+        metavar="DIR",
+        help="record every engine step inside the engine processes (bench/engine_stats.py) into "
+        "DIR, and report per backend and level: steps decode-only or prefilling, prefill passes "
+        "and joins per request, CPU per token",
+    )
+    parser.add_argument(
+        "--engine-profile",
+        action="store_true",
+        help="with --engine-stats: also cProfile each engine process's loop (DIR/<pid>.prof)",
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -144,15 +159,19 @@ async def warm_up(backend, plan: Plan) -> None:
             raise RuntimeError(f"{backend.name} warm-up failed: {failed[0]}")
 
 
-async def run_levels(backends: list, plan: Plan) -> list[LevelResult]:
-    """Level by level, round by round, one backend at a time in a rotating order."""
+async def run_levels(backends: list, plan: Plan, windows: list | None = None) -> list[LevelResult]:
+    """Level by level, round by round, one backend at a time in a rotating order; each round's
+    (backend, level, round, start, end) in `windows` (time.perf_counter)."""
     rows = []
     for c in plan.levels:
         rounds: dict[str, list[Round]] = {b.name: [] for b in backends}
         for i, prompts in enumerate(plan.prompts[c]):
             shift = i % len(backends)
             for backend in backends[shift:] + backends[:shift]:
+                started = time.perf_counter()
                 one = await measure(backend, prompts, c, plan.max_tokens)
+                if windows is not None:
+                    windows.append((backend.name, c, i, started, time.perf_counter()))
                 rounds[backend.name].append(one)
                 print(f"  c={c} round {i + 1}: {backend.name} {one.tok_s:.1f} tok/s", flush=True)
         for name in BACKENDS:
@@ -228,9 +247,41 @@ def level_checks(c: int, ratios: list[dict], rows: dict[str, dict]) -> list[dict
     return checks
 
 
-async def measure_all(args) -> list[LevelResult]:
+def record_engine_steps(directory: Path, profile: bool) -> None:
+    """Engine processes started from now on (in this process or under a server) record their
+    steps into `directory` (their environment is inherited)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in [*directory.glob("*.jsonl"), *directory.glob("*.prof")]:
+        old.unlink()
+    os.environ[engine_stats.STATS_ENV] = str(directory.resolve())
+    os.environ.setdefault(engine_stats.HOOK_ENV, engine_stats.HOOK)
+    if profile:
+        os.environ[engine_stats.PROFILE_ENV] = "1"
+    root = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
+def engine_step_rows(directory: Path, windows: list) -> list[dict]:
+    """One row per backend and level: the engine's step figures, the mean over rounds."""
+    records = [r for recs in engine_stats.read_records(directory).values() for r in recs]
+    by_level: dict[tuple[str, int], list[dict]] = {}
+    for name, c, _, start, end in windows:
+        if figures := engine_stats.summarize(records, start, end):
+            by_level.setdefault((name, c), []).append(figures)
+    rows = []
+    for (name, c), rounds in by_level.items():
+        row = {"backend": name, "concurrency": c, "rounds": len(rounds)}
+        for key in rounds[0]:
+            row[key] = sum(r[key] for r in rounds) / len(rounds)
+        rows.append(row)
+    return rows
+
+
+async def measure_all(args, windows: list | None = None) -> list[LevelResult]:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+    if args.engine_stats:
+        record_engine_steps(args.engine_stats, args.engine_profile)
     model = chosen_model_path(args)
     settings = engine_settings(args)
     plan = make_plan(load_tokenizer(model), args, EngineConfig(**settings).prefill_batch_size)
@@ -240,18 +291,25 @@ async def measure_all(args) -> list[LevelResult]:
         for backend in backends:
             await stack.enter_async_context(backend)
             await warm_up(backend, plan)
-        return await run_levels(backends, plan)
+        rows = await run_levels(backends, plan, windows)
+        if args.engine_stats:  # before the engines stop: each writes its records every so often
+            await asyncio.sleep(2 * engine_stats.FLUSH_SECONDS)
+    return rows
 
 
 def run(args) -> dict:
-    rows = [asdict(r) for r in asyncio.run(measure_all(args))]
+    windows: list = []
+    rows = [asdict(r) for r in asyncio.run(measure_all(args, windows))]
     ratios, checks = [], []
     for c in args.concurrency:
         at_level = {row["backend"]: row for row in rows if row["concurrency"] == c}
         level = level_ratios(c, at_level)
         ratios += level
         checks += level_checks(c, level, at_level)
-    return report.make_report("serving", args, rows, ratios, checks)
+    result = report.make_report("serving", args, rows, ratios, checks)
+    if args.engine_stats:
+        result["engine_steps"] = engine_step_rows(args.engine_stats, windows)
+    return result
 
 
 def render(result: dict) -> str:
@@ -262,6 +320,8 @@ def render(result: dict) -> str:
         parts.append(report.format_ratios([r for r in result["ratios"] if r["per_round"]]))
     if result["checks"]:
         parts.append(report.format_checks(result["checks"]))
+    if result.get("engine_steps"):
+        parts.append(format_engine_steps(result["engine_steps"]))
     if errors := [
         f"{r['backend']} c={r['concurrency']}: {r['errors']}" for r in rows if r["errors"]
     ]:
@@ -296,3 +356,15 @@ def headline(result: dict) -> str:
         report.Column("mlx_lm.server", f"ttft {MLX_LM_SERVER}", ".1f"),
     ]
     return report.format_table(table, columns)
+
+
+def format_engine_steps(rows: list[dict]) -> str:
+    """The engine's steps, per backend and level: one line per figure, a column per row."""
+    names = [f"{r['backend']} c={r['concurrency']}" for r in rows]
+    width = max(len(n) for n in names) + 2
+    keys = [k for k in rows[0] if k not in ("backend", "concurrency")]
+    lines = ["engine steps (inside the engine process, mean over rounds)"]
+    lines.append(" " * 28 + "".join(n.rjust(width) for n in names))
+    for key in keys:
+        lines.append(key.ljust(28) + "".join(f"{r[key]:{width}.3f}" for r in rows))
+    return "\n".join(lines)

@@ -190,3 +190,10 @@ def count_steps_while_loading(worker: Worker) -> None:
 
 def steps_while_loading(worker: Worker) -> int:
     return worker.steps_while_loading
+
+
+def frozen_objects(worker: Worker) -> int:
+    """How many objects the engine process froze out of the cyclic collector's walks."""
+    import gc
+
+    return gc.get_freeze_count()

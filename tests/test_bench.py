@@ -70,6 +70,43 @@ def test_serving_reports_every_backend_and_the_stock_ratio(tmp_path):
     }
 
 
+def test_serving_records_the_engine_steps_of_both_engine_backends(tmp_path):
+    out, steps = tmp_path / "serving.json", tmp_path / "steps"
+    command = [sys.executable, "-m", "bench", "serving", "--model-preset", "tiny"]
+    command += ["--concurrency", "2", "--max-tokens", "8", "--skip", "stock,mlx_lm_server"]
+    command += ["--engine-stats", str(steps)]
+    done = subprocess.run(
+        [*command, "--json", str(out)], cwd=ROOT, timeout=300, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "engine steps" in done.stdout
+    report = json.loads(out.read_text())
+    rows = {row["backend"]: row for row in report["engine_steps"]}
+    assert set(rows) == {"engine", "mlx_serving"}
+    for name, row in rows.items():
+        # Every request of the level, seen from inside its engine process.
+        assert row["admitted"] == row["finished"] == 8, name
+        assert row["tokens"] == 8 * 8, name
+        assert row["decode_only_steps"] > 0 and row["prefill_steps"] > 0, name
+        assert 0 < row["prefill_passes_per_request"] <= 1, name
+        assert positive(row["process_cpu_ms_per_token"]), name
+    # Each engine process (one per backend) described itself.
+    assert len(list(steps.glob("*.process.json"))) == 2
+
+
+def test_serving_holds_more_streams_than_the_servers_per_client_bound(tmp_path):
+    """The benchmark is one client: past the server's per-client bound (64) no stream may be
+    refused."""
+    out = tmp_path / "serving.json"
+    command = [sys.executable, "-m", "bench", "serving", "--model-preset", "tiny"]
+    command += ["--concurrency", "65", "--requests-per-level", "65", "--max-tokens", "2"]
+    command += ["--skip", "stock,engine,mlx_lm_server", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["failures"] == 0 and row["tok_s"] > 0
+
+
 def test_stock_runs_the_model_as_mlx_lm_loads_it(model_path):
     """No fused projections, no kernel: what a user would run without us."""
     from mlx_lm.models import llama
@@ -143,17 +180,23 @@ def test_ab_reports_the_ratio_of_its_variants(tmp_path, compare):
 
 
 def test_decode_step_splits_the_step(tmp_path):
-    """Both variants run (the kernel, where the native extension has it here, and MLX's)."""
+    """Every variant runs: the kernel (where the native extension has it here) or MLX's
+    attention, and the compiled decode layers or the op-by-op ones."""
     import mlx.core as mx
 
     report = run_bench(
         tmp_path, "decode-step", "--model-preset", "tiny", "--batch", "2", "--steps", "5"
     )
-    assert {(row["batch"], row["kernel"]) for row in report["rows"]} == {(2, True), (2, False)}
+    assert {(row["batch"], row["kernel"], row["compiled"]) for row in report["rows"]} == {
+        (2, True, True),
+        (2, True, False),
+        (2, False, False),
+    }
+    assert [r["name"] for r in report["ratios"]] == ["kernel on/off", "compiled on/off"]
     for row in report["rows"]:
         assert positive(row["step_ms"]) and positive(row["tok_s"])
         assert min(row["build_ms"], row["dispatch_ms"], row["wait_ms"]) >= 0
-    assert positive(report["ratios"][0]["value"])
+    assert all(positive(r["value"]) for r in report["ratios"])
     assert sys.modules["mlx_lm.generate"].mx is mx, "mlx-lm's module is left as it was"
 
 

@@ -2,13 +2,17 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load
 from mlx_lm.models import gemma, llama, qwen2, qwen3
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
+from mlx_serving.engine import fusion
 from mlx_serving.engine.fusion import (
+    CompiledDecodeBlock,
+    CompiledQwen2DecodeBlock,
     FusedAttention,
     FusedMLP,
     FusedQwen2Attention,
@@ -159,3 +163,104 @@ def test_loading_fuses_only_when_asked(model_path, fuse):
     model, _ = build_model(model_path, fuse=fuse)
     attention = type(model.model.layers[0].self_attn)
     assert attention is (FusedAttention if fuse else llama.Attention)
+
+
+def batch_decode(model, prompts, steps: int = 6):
+    """Left-padded prompts prefilled in a batch cache, then `steps` greedy decode steps: the
+    tokens and the last step's logits."""
+    width = max(map(len, prompts))
+    padding = [width - len(p) for p in prompts]
+    cache = [BatchKVCache(padding) for _ in model.layers]
+    tokens = mx.array([[0] * pad + p for pad, p in zip(padding, prompts, strict=True)])
+    logits = model(tokens, cache=cache)[:, -1]
+    out = []
+    for _ in range(steps):
+        token = mx.argmax(logits, axis=-1)
+        out.append(token.tolist())
+        logits = model(token[:, None], cache=cache)[:, -1]
+    return out, logits
+
+
+PROMPTS = [[1, 5, 9, 200, 300, 17, 44], [3, 900], [8, 7, 6, 5]]
+
+
+def random_qwen2() -> qwen2.Model:
+    return randomized(small_qwen2())
+
+
+@pytest.mark.parametrize("make", [small_llama, random_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_decode_computes_what_the_layers_do_op_by_op(make, rows):
+    plain = make()
+    fused = copy_of(plain, make)
+    fuse_projections(plain, compile_decode=False)
+    fuse_projections(fused, compile_decode=True)
+    assert type(fused.model.layers[0]) in (CompiledDecodeBlock, CompiledQwen2DecodeBlock)
+    assert not any(isinstance(layer, CompiledDecodeBlock) for layer in plain.model.layers)
+    traced = []
+    compile_ = mx.compile
+    fusion.mx.compile = lambda *args, **kwargs: traced.append(1) or compile_(*args, **kwargs)
+    try:
+        tokens, logits = batch_decode(fused, PROMPTS[:rows])
+    finally:
+        fusion.mx.compile = compile_
+    assert len(traced) == 2 * len(fused.model.layers)  # built once, at the first decode step
+    expected_tokens, expected_logits = batch_decode(plain, PROMPTS[:rows])
+    assert tokens == expected_tokens
+    assert mx.allclose(logits, expected_logits, atol=ATOL)
+
+
+def test_compiled_decode_leaves_prefill_large_batches_and_its_switch_to_the_layers(monkeypatch):
+    model = small_llama()
+    fuse_projections(model, compile_decode=True)
+    calls = []
+    monkeypatch.setattr(fusion, "before_attention", lambda *a: calls.append(1) or pytest.fail())
+    monkeypatch.setattr(fusion, "COMPILED_BATCH", 2)
+    batch_decode(model, PROMPTS, steps=2)  # 3 rows: past COMPILED_BATCH
+    model.model.layers[0].compiled_decode = False
+    for layer in model.model.layers[1:]:
+        layer.compiled_decode = False
+    batch_decode(model, PROMPTS[:1], steps=2)
+    assert not calls
+
+
+def test_compiled_decode_is_the_default_only_where_measured_faster():
+    model = small_llama()
+    fuse_projections(model)
+    compiled = type(model.model.layers[0]) is CompiledDecodeBlock
+    assert compiled == (fusion.native.device_backend() in fusion.COMPILED_ON)
+
+
+def test_a_compiled_model_is_freed_when_dropped():
+    """The compiled functions must not keep the layer (and its weights) in a reference cycle:
+    an unloaded model's memory comes back at once, not at some later garbage collection."""
+    model = small_llama(hidden_size=256, intermediate_size=1024)
+    fuse_projections(model, compile_decode=True)
+    batch_decode(model, PROMPTS[:1], steps=2)
+    held = mx.get_active_memory()
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    del model
+    assert held - mx.get_active_memory() >= weights
+
+
+def test_the_test_model_decodes_compiled_in_mlx_lms_batch_as_mlx_lm_alone(model_path, reference):
+    """Greedy, token for token: mlx-lm's BatchGenerator on the fused, compiled test model (rows
+    joining and leaving a left-padded batch) against mlx-lm's own generate, prompt by prompt."""
+    from mlx_lm.generate import BatchGenerator
+
+    plain, tokenizer = reference
+    model, _ = load(str(model_path))
+    fuse_projections(model, compile_decode=True)
+    assert all(type(layer) is CompiledDecodeBlock for layer in model.model.layers)
+    prompts = [tokenizer.encode(text) for text in ("Once upon", "The quick brown fox", "42")]
+    lengths = [20, 9, 14]
+    generator = BatchGenerator(model, stop_tokens=None, completion_batch_size=8)
+    uids = generator.insert(prompts, max_tokens=lengths)
+    got: dict[int, list[int]] = {uid: [] for uid in uids}
+    while len(got) and any(len(got[u]) < n for u, n in zip(uids, lengths, strict=True)):
+        for response in generator.next()[1]:
+            got[response.uid].append(response.token)
+    generator.close()
+    for uid, prompt, n in zip(uids, prompts, lengths, strict=True):
+        expected = [r.token for r in mlx_lm.stream_generate(plain, tokenizer, prompt, max_tokens=n)]
+        assert got[uid] == expected

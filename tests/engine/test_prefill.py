@@ -110,17 +110,76 @@ async def test_a_model_is_warmed_up_before_it_serves_and_matches_mlx_lm(
     assert f"{MODEL_ID}: {shapes} prefill shapes compiled in" in log
 
 
-def test_the_pacer_sizes_chunks_from_the_measured_steps():
-    pacer = prefill.PrefillPacer(step_size=512, ratio=1.5)
-    assert pacer.chunk(decoding=0, prefilling=1) == 512  # nothing decodes: whole steps
+def paced(pacer, fixed: float, per_token: float, steps: int, rows: int = 1) -> list[int]:
+    """The chunks `pacer` picks over `steps` steps of a long prompt, each step taking 10 ms of
+    decoding plus `fixed` and `per_token` seconds for each token prefilled."""
+    chosen = []
+    for _ in range(steps):
+        n = pacer.chunk(decoding=4, prefilling=rows, longest=100_000)
+        pacer.observe(0.010 + fixed + per_token * n * rows, decoded=True, prompt_tokens=n * rows)
+        chosen.append(n)
+    return chosen
+
+
+def settled(chosen: list[int]) -> set[int]:
+    """The last ten chunks but the shortest, which is measured again now and then."""
+    return set(chosen[-10:]) - {prefill.MIN_PACED_TOKENS}
+
+
+def decoding_pacer(ratio: float = 3.0) -> prefill.PrefillPacer:
+    pacer = prefill.PrefillPacer(step_size=512, ratio=ratio)
+    for _ in range(50):
+        pacer.observe(0.010, decoded=True, prompt_tokens=0)
+    return pacer
+
+
+def test_the_pacer_prefills_whole_steps_unless_sequences_decode():
+    pacer = prefill.PrefillPacer(step_size=512, ratio=3)
+    assert pacer.chunk(decoding=4, prefilling=1) == 512  # no decode step measured yet
     pacer.observe(0.010, decoded=True, prompt_tokens=0)
-    assert pacer.chunk(decoding=4, prefilling=1) == 64  # a first, small measure
-    pacer.observe(0.010 + 64 * 0.0001, decoded=True, prompt_tokens=64)  # 0.1 ms a token
-    assert pacer.seconds_per_token == pytest.approx(0.0001)
-    assert pacer.chunk(decoding=4, prefilling=1) == 128  # 150 tokens fit: bucket 128
-    assert pacer.chunk(decoding=4, prefilling=3) == 48  # shared by three prompts
-    assert pacer.chunk(decoding=4, prefilling=100) == prefill.MIN_PACED_TOKENS
+    assert pacer.budget == pytest.approx(0.020)  # (3 - 1) x the decode steps' p99
+    assert pacer.chunk(decoding=0, prefilling=1) == 512  # nothing decodes
+    assert pacer.chunk(decoding=4, prefilling=1) == prefill.MIN_PACED_TOKENS  # a first measure
     assert prefill.PrefillPacer(512, 0).chunk(decoding=4, prefilling=1) == 512  # off
+
+
+def test_the_pacer_climbs_to_the_longest_chunk_that_fits():
+    """A 5 ms fixed cost and 0.1 ms a token against a 20 ms budget: 150 tokens fit, so 128
+    (192 would take 24 ms). The lengths are tried upwards one at a time, none overshooting."""
+    chosen = paced(decoding_pacer(), fixed=0.005, per_token=0.0001, steps=40)
+    assert chosen[:8] == [16, 24, 32, 48, 64, 96, 128, 128]
+    assert chosen[8:].count(128) == 31  # and the shortest once, its measure being stale
+
+
+def test_the_pacer_backs_off_a_chunk_that_overshoots_and_retries_it_when_stale():
+    pacer = decoding_pacer()
+    paced(pacer, fixed=0.005, per_token=0.0001, steps=40)
+    assert pacer.chunk(decoding=4, prefilling=1, longest=100_000) == 128
+    pacer.observe(0.010 + 0.040, decoded=True, prompt_tokens=128)  # one slow step
+    chosen = paced(pacer, fixed=0.005, per_token=0.0001, steps=prefill.STALE_STEPS + 2)
+    assert chosen[0] == 96
+    assert chosen[-1] == 128  # measured again once its overshoot is stale
+    # The prompt's later chunks cost more (longer attention): 0.2 ms a token fits 75.
+    chosen = paced(pacer, fixed=0.005, per_token=0.0002, steps=30)
+    assert max(chosen) <= 128 and settled(chosen) == {64}
+
+
+def test_the_pacer_never_collapses_when_the_fixed_cost_alone_overshoots():
+    """A 30 ms fixed cost against a 20 ms budget: every chunk overshoots. Rather than read the
+    prompt 16 tokens a step, each step reads chunks whose tokens take up to about the fixed
+    cost (twice the shortest chunk's time, 63 ms: 256 tokens)."""
+    chosen = paced(decoding_pacer(), fixed=0.030, per_token=0.0001, steps=60)
+    assert chosen[:3] == [16, 24, 32]
+    assert max(chosen) == 256
+    assert chosen[-20:].count(256) >= 19
+
+
+def test_the_pacer_measures_each_group_size_apart():
+    pacer = decoding_pacer()
+    assert settled(paced(pacer, fixed=0.005, per_token=0.0001, steps=40)) == {128}
+    assert settled(paced(pacer, fixed=0.005, per_token=0.0001, steps=40, rows=2)) == {64}
+    # One row again: its fixed cost measured anew (stale), then its chunk as before.
+    assert paced(pacer, fixed=0.005, per_token=0.0001, steps=3) == [16, 128, 128]
 
 
 def test_a_long_prompt_is_read_in_paced_chunks_while_others_decode(loaded, monkeypatch):

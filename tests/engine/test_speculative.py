@@ -21,7 +21,14 @@ from mlx_serving.engine.protocol import END
 from mlx_serving.engine.requests import FinishReason, GenerationChunk, GenerationRequest
 from mlx_serving.engine.requests import SamplingParams as Sampling
 from mlx_serving.engine.scheduler import Scheduler
-from mlx_serving.engine.speculative import MIN_ACCEPTANCE, PROBE_STEPS, REPROBE_EVERY, roll_back
+from mlx_serving.engine.speculative import (
+    MIN_ACCEPTANCE,
+    PROBE_BATCH,
+    PROBE_STEPS,
+    REPROBE_EVERY,
+    Draft,
+    roll_back,
+)
 
 MODEL_ID, DRAFT_ID = "tiny", "draft"
 # Prefill as mlx-lm schedules it, so that runs with and without a draft step alike.
@@ -181,6 +188,20 @@ def test_rows_joining_a_draft_of_no_use_mostly_do_not_probe(loaded, other_draft)
     ]
     assert probed == [REPROBE_EVERY]
     assert run.last(0).usage.draft_tokens_proposed == 4 * PROBE_STEPS
+
+
+@pytest.mark.parametrize("rows", [1, PROBE_BATCH, 4 * PROBE_BATCH, 16 * PROBE_BATCH])
+def test_a_draft_of_no_use_is_probed_less_the_larger_the_batch_it_would_slow(rows):
+    """A probe makes every row's step a speculative one, so its cost grows with the batch."""
+    draft = Draft("draft", model=None)
+    assert all(draft.probes(rows) for _ in range(5))  # nothing known yet
+    draft.note(proposed=40, accepted=0)
+    probed = sum(draft.probes(rows) for _ in range(256))
+    assert probed == 256 // (REPROBE_EVERY * max(1, rows // PROBE_BATCH))
+    draft.note(proposed=10**6, accepted=10**6)
+    for _ in range(40):
+        draft.note(proposed=4, accepted=4)
+    assert draft.probes(rows)  # right again: every joining row speculates
 
 
 @pytest.mark.parametrize("which", ["same", "other"])
@@ -458,12 +479,20 @@ def test_seeded_sampling_is_reproducible_across_batch_compositions(loaded, other
     assert crowd.last(8).usage.draft_tokens_proposed == alone.last(0).usage.draft_tokens_proposed
 
 
-def test_the_benchmark_runs_end_to_end(model_path, tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_the_benchmark_runs_end_to_end(model_path, tmp_path, tied):
     """`python -m bench speculative` on a copy of the test model: every variant, its
-    acceptance as built (the "same" draft always right, the "other" one almost never)."""
+    acceptance as built (the "same" draft always right, the "other" one almost never, also
+    when the model ties its output layer to its embeddings, as Llama-3.2-1B does)."""
     from bench.__main__ import main as bench_main
 
     model = shutil.copytree(model_path, tmp_path / "model")
+    if tied:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        weights = mx.load(str(model / "model.safetensors"))
+        del weights["lm_head.weight"]
+        mx.save_safetensors(str(model / "model.safetensors"), weights, {"format": "mlx"})
     out = tmp_path / "report.json"
     argv = ["speculative", "--model", str(model), "--concurrency", "2", "--rounds", "1"]
     assert bench_main([*argv, "--max-tokens", "12", "--draft-tokens", "2", "--json", str(out)]) == 0

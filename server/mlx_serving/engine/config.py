@@ -51,10 +51,13 @@ class EngineConfig:
     # serves, so that no new prompt length stalls a batch to compile (prefill.py): on, off, or
     # auto (on where shapes cost compiles: GPUs).
     prefill_buckets: str = "auto"
-    # While sequences decode, a step prefills prompt tokens for about this many times a
-    # decode step's time (measured), so a long prompt slows running streams to about 1 + this
-    # times their inter-token latency; 0 (default): prefill_step_size tokens a step. Off by
-    # default: on the H200 it took an 8,000-token prompt's TTFT from 0.7 s to 8 s.
+    # While sequences decode, a step prefills the longest chunk whose measured time fits this
+    # minus 1 times the p99 of decode-only steps, so running streams' p99 inter-token latency
+    # while a prompt prefills stays near this multiple of their steady p99; a chunk may always
+    # take twice the shortest one's time, so a large fixed cost per prefill pass never shrinks
+    # chunks to a crawl (prefill.PrefillPacer). 0 (default): prefill_step_size tokens a step.
+    # Off by default: on the 2-core CPU, paced at 3, a 1,500-token prompt still slowed 4 streams
+    # to 5-6x their steady p99 (its join, and passes dearer with the context), TTFT 1.3x.
     prefill_pacing: float = 0.0
     # KV-cache bytes kept for prefix reuse, counting the caches of the running batch.
     prefix_cache_bytes: int = 2 << 30

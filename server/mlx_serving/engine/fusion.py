@@ -6,15 +6,24 @@ the same input turns five matmuls per layer into two, computing the same dot pro
 nothing stands between the projection and RoPE (Llama, Qwen2), queries and keys then take their
 rotary embedding in one call instead of two. Only modules of exactly mlx-lm's Llama, Qwen2 and
 Qwen3 classes are touched: any other architecture is left as it was loaded.
+
+Where the host's Python is what a small batch's decode step waits for, a Llama or Qwen2 layer's
+decode also runs as two compiled functions around its attention (`CompiledDecodeBlock`): the
+norm, fused projection, head split and RoPE before, and the output projection, residuals, norm
+and MLP after, each built once per batch size instead of op by op every step.
 """
+
+import weakref
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache
 
-from . import decode_attention
+from . import decode_attention, native
 
 
 def split_heads(self, x: mx.array) -> mx.array:
@@ -28,18 +37,32 @@ def rotate(self, x: mx.array, cache) -> mx.array:
 
 
 def attend(self, queries, keys, values, mask, cache) -> mx.array:
+    return self.o_proj(attention(self, queries, keys, values, mask, cache))
+
+
+def attention(self, queries, keys, values, mask, cache) -> mx.array:
+    """The heads' attention, side by side (B, L, H * D), before the output projection."""
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
     if self.decode_kernel and decode_attention.applies(queries, keys, cache):
-        output = decode_attention.decode_attention(
+        return decode_attention.decode_attention(
             queries, keys, values, cache.left_padding, self.scale
         )
-        return self.o_proj(output)
     output = scaled_dot_product_attention(
         queries, keys, values, cache=cache, scale=self.scale, mask=mask
     )
     B, _, L, _ = output.shape
-    return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    return output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+def project(self, x: mx.array, offset) -> tuple[mx.array, mx.array, mx.array]:
+    """Queries, keys and values of x, queries and keys rotated from `offset`."""
+    qkv = split_heads(self, x).transpose(0, 2, 1, 3)
+    qk, values = mx.split(qkv, [self.n_heads + self.n_kv_heads], axis=1)
+    # Heads are independent under RoPE: queries and keys rotate in one kernel.
+    qk = self.rope(qk) if offset is None else self.rope(qk, offset=offset)
+    queries, keys = mx.split(qk, [self.n_heads], axis=1)
+    return queries, keys, values
 
 
 class FusedAttention(llama.Attention):
@@ -48,10 +71,7 @@ class FusedAttention(llama.Attention):
     n_kv_heads: int
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
-        qkv = split_heads(self, x).transpose(0, 2, 1, 3)
-        qk, values = mx.split(qkv, [self.n_heads + self.n_kv_heads], axis=1)
-        # Heads are independent under RoPE: queries and keys rotate in one kernel.
-        queries, keys = mx.split(rotate(self, qk, cache), [self.n_heads], axis=1)
+        queries, keys, values = project(self, x, None if cache is None else cache.offset)
         return attend(self, queries, keys, values, mask, cache)
 
 
@@ -77,6 +97,59 @@ class FusedQwen3Attention(qwen3.Attention):
 def fused_mlp_call(self, x: mx.array) -> mx.array:
     gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
     return self.down_proj(swiglu(gate, up))
+
+
+def before_attention(block, x: mx.array, offset: mx.array):
+    return project(block.self_attn, block.input_layernorm(x), offset)
+
+
+def after_attention(block, x: mx.array, heads: mx.array) -> mx.array:
+    h = x + block.self_attn.o_proj(heads)
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+def plain_block(block, x: mx.array, mask: mx.array | None, cache) -> mx.array:
+    """mlx-lm's Llama and Qwen2 decoder layer, op by op."""
+    h = x + block.self_attn(block.input_layernorm(x), mask, cache)
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+# Batch sizes whose decode step runs compiled: each is traced once (a few milliseconds, and on a
+# GPU its fused kernels built), so a batch whose size wanders over hundreds of values would pay
+# that hundreds of times; past a handful of rows the step's Python is shared by many tokens anyway.
+COMPILED_BATCH = 8
+# Backends where the compiled decode is the default (fuse_projections' compile_decode=None).
+COMPILED_ON = ("cuda",)
+
+
+class CompiledDecodeBlock(llama.TransformerBlock):
+    """A Llama (or Qwen2) layer whose one-token decode over a batch cache runs compiled around
+    the attention, which stays eager: its cache's length changes every step."""
+
+    compiled_decode = True
+    _compiled: list | None = None
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
+        if not (
+            self.compiled_decode
+            and x.shape[1] == 1
+            and x.shape[0] <= COMPILED_BATCH
+            and isinstance(cache, BatchKVCache)
+        ):
+            return plain_block(self, x, mask, cache)
+        compiled = self._compiled
+        if compiled is None:
+            # The weights, fixed once loaded, are the traced graphs' constants. The functions
+            # hold the layer weakly: unloaded, it is freed at once, not by a cycle collection.
+            # Set past Module.__setattr__, which would file a list as a parameter.
+            compiled = [
+                mx.compile(partial(part, weakref.proxy(self)))
+                for part in (before_attention, after_attention)
+            ]
+            object.__setattr__(self, "_compiled", compiled)
+        before, after = compiled
+        queries, keys, values = before(x, cache.offset)
+        return after(x, attention(self.self_attn, queries, keys, values, mask, cache))
 
 
 class FusedMLP(llama.MLP):
@@ -125,13 +198,18 @@ def concatenate_linears(linears: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
-def fuse_projections(model: nn.Module, decode_kernel: bool = True) -> int:
+def fuse_projections(
+    model: nn.Module, decode_kernel: bool = True, compile_decode: bool | None = None
+) -> int:
     """Fuses every attention and MLP of a known class in `model`, in place; returns how many.
 
     `decode_kernel`: whether fused attention may use decode_attention's kernel (where it is the
-    faster path: decode_attention.kernel_here).
+    faster path: decode_attention.kernel_here). `compile_decode`: whether a fused Llama or Qwen2
+    layer's small-batch decode runs compiled (CompiledDecodeBlock); None: where COMPILED_ON.
     The fused weights are computed lazily, with the rest of a lazily loaded model's.
     """
+    if compile_decode is None:
+        compile_decode = native.device_backend() in COMPILED_ON
     fused = 0
     for _, module in model.named_modules():
         if type(module) not in FUSIONS:
@@ -147,4 +225,23 @@ def fuse_projections(model: nn.Module, decode_kernel: bool = True) -> int:
         if not decode_kernel and hasattr(fused_class, "decode_kernel"):
             module.decode_kernel = False
         fused += 1
+    if compile_decode:
+        for _, module in model.named_modules():
+            if type(module) in COMPILED_BLOCKS and type(module.self_attn) in (
+                FusedAttention,
+                FusedQwen2Attention,
+            ):
+                module.__class__ = COMPILED_BLOCKS[type(module)]
     return fused
+
+
+class CompiledQwen2DecodeBlock(qwen2.TransformerBlock):
+    compiled_decode = True
+    _compiled: list | None = None
+    __call__ = CompiledDecodeBlock.__call__
+
+
+COMPILED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {
+    llama.TransformerBlock: CompiledDecodeBlock,
+    qwen2.TransformerBlock: CompiledQwen2DecodeBlock,
+}

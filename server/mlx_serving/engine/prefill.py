@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import mlx.core as mx
 from mlx_lm.generate import PromptProcessingBatch, _right_pad_prompts
@@ -148,8 +149,25 @@ class WarmUp:
         )
 
 
-# The fewest prompt tokens of one row a paced step prefills: a long prompt always progresses.
-MIN_PACED_TOKENS = 16
+# The shortest chunk a paced step prefills per row, measured first: about a pass's fixed cost.
+MIN_PACED_TOKENS = BUCKETS[0]
+# Decode-only steps whose times give the steady p99 a paced step is held against.
+DECODE_WINDOW = 500
+# Prefill steps after which a chunk length's measured cost is stale: tried again if it may fit.
+STALE_STEPS = 32
+# A step's prefill may always take this many times the shortest chunk's (about the fixed
+# cost of a pass): chunks grow until their tokens take about as long as the fixed cost.
+EFFICIENCY = 2.0
+
+
+class ChunkCost:
+    """The measured extra time of a step that prefills chunks of one length (an EMA)."""
+
+    __slots__ = ("seconds", "step")
+
+    def __init__(self, seconds: float, step: int):
+        self.seconds = seconds
+        self.step = step
 
 
 class PrefillPacer:
@@ -157,39 +175,112 @@ class PrefillPacer:
 
     mlx-lm's batch step decodes every running sequence, then prefills one chunk of each
     arriving prompt: with fixed chunks of `prefill_step_size`, an 8,000-token prompt stalls
-    every running stream for as many long steps. Paced, a step's prefill takes about `ratio`
-    times a decode-only step (both measured as they run), so running streams slow to at most
-    about 1 + ratio times their steady inter-token latency; an idle batch prefills whole steps.
-    Chunks are bucket lengths, so bucketed prefill meets no new shape.
+    every running stream for as many long steps. Paced, each step prefills the longest chunk
+    (a bucket length: bucketed prefill meets no new shape) whose measured extra time (the
+    step's time less the mean decode-only step's) fits `ratio - 1` times the p99 of recent
+    decode-only steps, so that the running streams' p99 inter-token latency while a prompt
+    prefills stays near `ratio` times their steady p99. An idle batch prefills whole steps.
+
+    A prefill pass has a large fixed cost (its own graph, and the synchronous evaluation that
+    ends its overlap with the next decode step) and a small one per token. So each chunk
+    length's extra time is measured as itself (per group size), never divided into a per-token
+    rate, which charges the fixed cost to the tokens and makes every chunk look too dear. Longer
+    lengths are tried one at a time while a line through the last two measures says the next
+    fits; one that overshoots is left for the length below until its measure is stale, and the
+    shortest is measured again as often (on the CPU every pass grew dearer with the context).
+
+    A step's prefill may always take `EFFICIENCY` times the shortest chunk's time, about the
+    fixed cost: chunks grow until their tokens take about as long as it. Where the fixed cost
+    is over half the budget this gives the budget up, and the running streams slow beyond
+    `ratio`, so that the prompt's passes spend no more than about half their time on the fixed
+    cost instead of reading 16 tokens a step (an 8,000-token prompt so took 8 s on an H200).
     """
 
     def __init__(self, step_size: int, ratio: float):
         self.step_size = step_size
         self.ratio = ratio
+        self.lengths = shape_lengths(step_size)
         self.decode_seconds: float | None = None
-        self.seconds_per_token: float | None = None
+        self.decode_p99: float | None = None
+        self._decode_window: deque[float] = deque(maxlen=DECODE_WINDOW)
+        self.costs: dict[tuple[int, int], ChunkCost] = {}
+        self._steps = 0
+        self._decodes = 0
+        self._pending: tuple[int, int] | None = None
 
-    def chunk(self, decoding: int, prefilling: int) -> int:
-        if not decoding or self.ratio <= 0 or self.decode_seconds is None:
+    @property
+    def budget(self) -> float:
+        """The extra seconds a step's prefill may take while sequences decode."""
+        return (self.ratio - 1) * (self.decode_p99 or 0.0)
+
+    def chunk(self, decoding: int, prefilling: int, longest: int | None = None) -> int:
+        """This step's chunk per row, for `prefilling` rows whose longest remaining prompt
+        (where known) is `longest` tokens."""
+        self._pending = None
+        if not decoding or self.ratio <= 0 or self.decode_p99 is None or longest == 0:
             return self.step_size
-        if self.seconds_per_token is None:
-            tokens = MIN_PACED_TOKENS * 4.0  # a first measure of the prefill's speed
-        elif self.seconds_per_token <= 0:
-            return self.step_size  # prefill cost nothing measurable beside the decode step
-        else:
-            tokens = self.ratio * self.decode_seconds / self.seconds_per_token
-        per_row = tokens / max(prefilling, 1)
-        fitting = [b for b in BUCKETS if b <= min(per_row, self.step_size)]
-        return max(fitting[-1] if fitting else MIN_PACED_TOKENS, MIN_PACED_TOKENS)
+        rows = max(prefilling, 1)
+        chosen = self._choose(rows)
+        width = chosen
+        if longest is not None and longest < chosen:
+            width = next(n for n in self.lengths if n >= longest)
+        self._pending = (rows, width)
+        return chosen
 
-    def observe(self, seconds: float, decoded: bool, prompt_tokens: int) -> None:
-        """A step took `seconds`: decoding only, or prefilling `prompt_tokens` as well."""
+    def _known(self, rows: int) -> dict[int, ChunkCost]:
+        return {n: c for (r, n), c in self.costs.items() if r == rows}
+
+    def _choose(self, rows: int) -> int:
+        known = self._known(rows)
+        lengths = self.lengths
+        shortest = known.get(lengths[0])
+        if shortest is None or self._steps - shortest.step >= STALE_STEPS:
+            return lengths[0]  # the fixed cost, measured (again: it grows with the context)
+        budget = max(self.budget, EFFICIENCY * shortest.seconds)
+        best = max(n for n in lengths if n in known and known[n].seconds <= budget)
+        at = lengths.index(best)
+        if at + 1 == len(lengths):
+            return best
+        longer = lengths[at + 1]
+        cost = known.get(longer)
+        if cost is not None and self._steps - cost.step < STALE_STEPS:
+            return best  # measured to overshoot, lately
+        below = max((n for n in known if n < best), default=None)
+        if below is None:
+            slope = known[best].seconds / best  # as if it all grew with length
+        else:
+            slope = (known[best].seconds - known[below].seconds) / (best - below)
+        predicted = known[best].seconds + max(slope, 0.0) * (longer - best)
+        return longer if predicted <= budget else best
+
+    def observe(
+        self, seconds: float, decoded: bool, prompt_tokens: int, prompting: bool = False
+    ) -> None:
+        """A step took `seconds`: decoding only, or prefilling `prompt_tokens` as well.
+        `prompting`: prompt rows progressed or joined the decoding batch (whose caches it
+        copies), so the step is no measure of a decode step even with no tokens prefilled."""
+        pending, self._pending = self._pending, None
         if prompt_tokens == 0:
-            if decoded:
+            if decoded and not prompting:
                 self.decode_seconds = ema(self.decode_seconds, seconds)
-        elif self.decode_seconds is not None:
-            per_token = max(seconds - self.decode_seconds, 0.0) / prompt_tokens
-            self.seconds_per_token = ema(self.seconds_per_token, per_token)
+                self._decode_window.append(seconds)
+                self._decodes += 1
+                if self.decode_p99 is None or self._decodes % 8 == 0:
+                    self.decode_p99 = percentile(self._decode_window, 0.99)
+        elif decoded and pending is not None and self.decode_seconds is not None:
+            self._steps += 1
+            extra = max(seconds - self.decode_seconds, 0.0)
+            cost = self.costs.get(pending)
+            if cost is None or self._steps - cost.step > STALE_STEPS:
+                self.costs[pending] = ChunkCost(extra, self._steps)  # a stale measure is replaced
+            else:
+                cost.seconds = ema(cost.seconds, extra)
+                cost.step = self._steps
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def ema(average: float | None, value: float, weight: float = 0.3) -> float:

@@ -190,6 +190,10 @@ class Scheduler:
         """No model has a sequence running or waiting."""
         return not any(self.slots.values())
 
+    def waiting(self) -> int:
+        """Sequences admitted and not yet handed to a batch, over every model."""
+        return sum(len(slot.waiting) for slot in self.slots.values())
+
     def publish(self, event: Event) -> None:
         """Sent with the step's other results (see `take_output`)."""
         self._events.append(event)
@@ -663,7 +667,9 @@ class Scheduler:
         stepped_at = time.perf_counter()
         if slot.pacer is not None:
             prompt_tokens = slot.generator._counters.prompt_tokens - prompt_tokens
-            slot.pacer.observe(stepped_at - started, bool(responses), prompt_tokens)
+            slot.pacer.observe(
+                stepped_at - started, bool(responses), prompt_tokens, bool(prompt_responses)
+            )
         if responses or prompt_responses:
             self.observer.step(slot.loaded.info.model_id, len(responses), stepped_at - started)
         for response in prompt_responses:
@@ -697,9 +703,11 @@ class Scheduler:
         if slot.pacer is None:
             return 0
         prefilling = len(generator._prompt_batch) + len(generator._unprocessed_sequences)
-        chunk = slot.pacer.chunk(
-            len(generator._generation_batch), min(prefilling, generator.prefill_batch_size)
-        )
+        rows = min(prefilling, generator.prefill_batch_size)
+        waiting = [row[0] for row in generator._currently_processing]
+        waiting += [row[1] for row in list(generator._unprocessed_sequences)[:rows]]
+        longest = max((len(segments[0]) for segments in waiting if segments), default=0)
+        chunk = slot.pacer.chunk(len(generator._generation_batch), rows, longest)
         generator.prefill_step_size = generator._prompt_batch.prefill_step_size = chunk
         return generator._counters.prompt_tokens
 

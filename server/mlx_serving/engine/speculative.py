@@ -61,8 +61,11 @@ from .models import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 MIN_ACCEPTANCE = 0.25
 PROBE_STEPS = 3
 # While the draft's recent acceptance is under MIN_ACCEPTANCE, one joining row in this many
-# speculates (probes); the others decode as usual from the start.
+# speculates (probes), times one for every PROBE_BATCH rows of the batch it joins: a probing
+# row turns the whole batch's step into a speculative one (k draft passes, a (B, k + 1) verify),
+# so its cost grows with the batch. The others decode as usual from the start.
 REPROBE_EVERY = 8
+PROBE_BATCH = 8
 # Tokens per pass of the draft's prefill when rows join.
 DRAFT_PREFILL_STEP = 512
 
@@ -87,14 +90,16 @@ class Draft:
             previous = self.acceptance
             self.acceptance = rate if previous is None else previous + 0.1 * (rate - previous)
 
-    def probes(self) -> bool:
-        """Whether a joining greedy row speculates: always while the draft is right often
-        enough, else one row in REPROBE_EVERY (a workload the draft suits again is found
-        again), so that a draft that is of no use costs new rows no probing steps."""
+    def probes(self, batch_rows: int) -> bool:
+        """Whether a greedy row joining a batch of `batch_rows` speculates: always while the
+        draft is right often enough, else one row in REPROBE_EVERY per PROBE_BATCH rows (a
+        workload the draft suits again is found again), so that a draft of no use costs new
+        rows, and the batch they join, few probing steps."""
         if self.acceptance is None or self.acceptance >= MIN_ACCEPTANCE:
             return True
         self.joined_while_poor += 1
-        return self.joined_while_poor % REPROBE_EVERY == 0
+        every = REPROBE_EVERY * max(1, batch_rows // PROBE_BATCH)
+        return self.joined_while_poor % every == 0
 
 
 class SpeculativeRow:
@@ -336,7 +341,7 @@ class SpeculativeGenerationBatch(FusedGenerationBatch):
             draft = row.draft
             # A seeded sampled row always probes: whether it speculates changes its draws, and
             # they must not depend on what ran before it.
-            probes = row.fused is not None or draft.probes()
+            probes = row.fused is not None or draft.probes(len(self.uids))
             if not draft.active or self._draft not in (None, draft) or not probes:
                 self._plain_sampler(i)
                 continue

@@ -9,6 +9,7 @@ StepOutput per loop turn for every request's chunks, every event and every obser
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import importlib.metadata
 import logging
@@ -73,6 +74,9 @@ HEARTBEAT_SECONDS = 0.5
 HEAP_TRIM_SECONDS = 5.0
 # Returned by a command whose caller is answered later (a load).
 DEFERRED = object()
+# "module:function", called with the Worker before its loop starts: benchmarks record what the
+# loop does from inside the process (bench/engine_stats.py). Unset in service.
+BENCH_HOOK_ENV = "BENCH_ENGINE_HOOK"
 
 
 @dataclass
@@ -184,11 +188,34 @@ class Worker:
             # Idle, unless loading: then look at the pipe between pieces of the load.
             if self._commands.poll(self._idle_wait()):
                 self._run(self._commands.recv())
-                # Idle → busy: give concurrent arrivals a moment to join the first step.
-                time.sleep(self.config.coalesce_seconds)
+                if not self.scheduler.idle:
+                    self._coalesce()
         while self.running and self._commands.poll():
             self._beat()
             self._run(self._commands.recv())
+
+    def _coalesce(self) -> None:
+        """Idle → busy: let concurrent arrivals join the first step, so they share its prefill.
+
+        A lone request waits `coalesce_seconds` for company. Once a second one has come, the
+        arrivals are a burst, and they gather as arrivals at a running batch do (`_release`):
+        until a prefill batch's worth waits or `prefill_gather_seconds` have passed since the
+        first. A burst reaches an idle engine spread out, the more so over the wire, where the
+        server makes each request an admission in turn: sixteen gRPC requests sent at once came
+        0.5 ms apart on a 2-core host, so a fixed 2 ms wait prefilled the first 3 alone and the
+        other 13 after that pass, in groups of 5, 3 and 5, each a prefill pass and a join of its
+        own (bench/engine_stats.py), where the in-process engine, its 16 in 2 ms, made two of 8.
+        """
+        config = self.config
+        first = time.perf_counter()
+        deadline = first + config.coalesce_seconds
+        while self.running and self.scheduler.waiting() < config.prefill_batch_size:
+            wait = deadline - time.perf_counter()
+            if wait <= 0 or not self._commands.poll(wait):
+                return
+            self._beat()
+            self._run(self._commands.recv())
+            deadline = max(deadline, first + config.prefill_gather_seconds)
 
     def _idle_wait(self) -> float:
         """How long an idle loop may wait for a command: until its next heartbeat, unless a
@@ -354,7 +381,17 @@ def run_engine_process(
     log.info("MLX %s on %s", mlx_version(), mx.default_device())
     if conflict := backend_conflict(installed_mlx_backends()):
         log.warning(conflict)
-    Worker(config, commands, results, heartbeat).run()
+    worker = Worker(config, commands, results, heartbeat)
+    # Everything imported so far lives as long as the process. Spawned, the process also
+    # imports the server's main module (multiprocessing runs it as __mp_main__): with grpc, about
+    # 105,000 objects the cyclic collector would walk at every full collection, 87 ms each on
+    # the H200's host, a stall of every stream (bench serving --engine-stats). Frozen, they are
+    # never walked; what the process makes later is collected as before.
+    gc.freeze()
+    if hook := os.environ.get(BENCH_HOOK_ENV):
+        module, name = hook.split(":")
+        getattr(importlib.import_module(module), name)(worker)
+    worker.run()
 
 
 MLX_BACKENDS = ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal")
