@@ -26,7 +26,6 @@ from pathlib import Path
 
 STATS_ENV = "BENCH_ENGINE_STATS"
 PROFILE_ENV = "BENCH_ENGINE_PROFILE"
-HOOK_ENV = "BENCH_ENGINE_HOOK"  # worker.BENCH_HOOK_ENV
 HOOK = "bench.engine_stats:install"
 FLUSH_SECONDS = 0.5
 PROFILE_DUMP_SECONDS = 3.0
@@ -36,7 +35,6 @@ class Recorder:
     def __init__(self, directory: Path):
         self.path = directory / f"{os.getpid()}.jsonl"
         self.records: list = []
-        self.lock = threading.Lock()
         # Within the current loop turn.
         self.turn: dict | None = None
 

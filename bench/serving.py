@@ -250,11 +250,13 @@ def level_checks(c: int, ratios: list[dict], rows: dict[str, dict]) -> list[dict
 def record_engine_steps(directory: Path, profile: bool) -> None:
     """Engine processes started from now on (in this process or under a server) record their
     steps into `directory` (their environment is inherited)."""
+    from mlx_serving.engine.worker import BENCH_HOOK_ENV
+
     directory.mkdir(parents=True, exist_ok=True)
     for old in [*directory.glob("*.jsonl"), *directory.glob("*.prof")]:
         old.unlink()
     os.environ[engine_stats.STATS_ENV] = str(directory.resolve())
-    os.environ.setdefault(engine_stats.HOOK_ENV, engine_stats.HOOK)
+    os.environ.setdefault(BENCH_HOOK_ENV, engine_stats.HOOK)
     if profile:
         os.environ[engine_stats.PROFILE_ENV] = "1"
     root = str(Path(__file__).resolve().parent.parent)

@@ -184,6 +184,9 @@ def test_decode_step_splits_the_step(tmp_path):
     attention, and the compiled decode layers or the op-by-op ones."""
     import mlx.core as mx
 
+    from mlx_serving.engine import fusion
+
+    compiled_batch = fusion.COMPILED_BATCH
     report = run_bench(
         tmp_path, "decode-step", "--model-preset", "tiny", "--batch", "2", "--steps", "5"
     )
@@ -198,6 +201,7 @@ def test_decode_step_splits_the_step(tmp_path):
         assert min(row["build_ms"], row["dispatch_ms"], row["wait_ms"]) >= 0
     assert all(positive(r["value"]) for r in report["ratios"])
     assert sys.modules["mlx_lm.generate"].mx is mx, "mlx-lm's module is left as it was"
+    assert fusion.COMPILED_BATCH == compiled_batch, "the engine's bound is left as it was"
 
 
 def test_new_shapes_times_every_group_twice(tmp_path):

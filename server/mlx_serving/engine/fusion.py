@@ -32,8 +32,9 @@ def split_heads(self, x: mx.array) -> mx.array:
     return self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, -1)
 
 
-def rotate(self, x: mx.array, cache) -> mx.array:
-    return self.rope(x) if cache is None else self.rope(x, offset=cache.offset)
+def rotate(self, x: mx.array, offset) -> mx.array:
+    """RoPE from `offset` (None: from 0, no cache)."""
+    return self.rope(x) if offset is None else self.rope(x, offset=offset)
 
 
 def attend(self, queries, keys, values, mask, cache) -> mx.array:
@@ -60,8 +61,7 @@ def project(self, x: mx.array, offset) -> tuple[mx.array, mx.array, mx.array]:
     qkv = split_heads(self, x).transpose(0, 2, 1, 3)
     qk, values = mx.split(qkv, [self.n_heads + self.n_kv_heads], axis=1)
     # Heads are independent under RoPE: queries and keys rotate in one kernel.
-    qk = self.rope(qk) if offset is None else self.rope(qk, offset=offset)
-    queries, keys = mx.split(qk, [self.n_heads], axis=1)
+    queries, keys = mx.split(rotate(self, qk, offset), [self.n_heads], axis=1)
     return queries, keys, values
 
 
@@ -89,8 +89,9 @@ class FusedQwen3Attention(qwen3.Attention):
         queries, keys, values = mx.split(
             split_heads(self, x), [self.n_heads, self.n_heads + self.n_kv_heads], axis=2
         )
-        queries = rotate(self, self.q_norm(queries).transpose(0, 2, 1, 3), cache)
-        keys = rotate(self, self.k_norm(keys).transpose(0, 2, 1, 3), cache)
+        offset = None if cache is None else cache.offset
+        queries = rotate(self, self.q_norm(queries).transpose(0, 2, 1, 3), offset)
+        keys = rotate(self, self.k_norm(keys).transpose(0, 2, 1, 3), offset)
         return attend(self, queries, keys, values.transpose(0, 2, 1, 3), mask, cache)
 
 
