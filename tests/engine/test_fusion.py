@@ -190,7 +190,7 @@ def random_qwen2() -> qwen2.Model:
 
 @pytest.mark.parametrize("make", [small_llama, random_qwen2], ids=["llama", "qwen2"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_compiled_decode_computes_what_the_layers_do_op_by_op(make, rows):
+def test_compiled_decode_computes_what_the_layers_do_op_by_op(make, rows, monkeypatch):
     plain = make()
     fused = copy_of(plain, make)
     fuse_projections(plain, compile_decode=False)
@@ -199,11 +199,9 @@ def test_compiled_decode_computes_what_the_layers_do_op_by_op(make, rows):
     assert not any(isinstance(layer, CompiledDecodeBlock) for layer in plain.model.layers)
     traced = []
     compile_ = mx.compile
-    fusion.mx.compile = lambda *args, **kwargs: traced.append(1) or compile_(*args, **kwargs)
-    try:
-        tokens, logits = batch_decode(fused, PROMPTS[:rows])
-    finally:
-        fusion.mx.compile = compile_
+    monkeypatch.setattr(mx, "compile", lambda *a, **k: traced.append(1) or compile_(*a, **k))
+    tokens, logits = batch_decode(fused, PROMPTS[:rows])
+    monkeypatch.undo()
     assert len(traced) == 2 * len(fused.model.layers)  # built once, at the first decode step
     expected_tokens, expected_logits = batch_decode(plain, PROMPTS[:rows])
     assert tokens == expected_tokens
