@@ -6,6 +6,7 @@ UNAVAILABLE within the grace, and the process exits 0. A second SIGTERM forces t
 """
 
 import signal
+import subprocess
 import threading
 import time
 
@@ -37,6 +38,14 @@ def start_streams(stub, max_tokens: int) -> tuple[list, list[dict]]:
         thread.start()
         threads.append(thread)
     return threads, outcomes
+
+
+def exit_code(process, log, seconds: float) -> int:
+    """The server's exit status; its log in the failure if it has not exited in time."""
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {seconds} s:\n{log.read_text()}") from None
 
 
 def read_rest(stream, outcome: dict) -> None:
@@ -88,7 +97,7 @@ def test_sigterm_with_16_streams_drains_and_exits_0(model_path, tmp_path):
                 assert finished == generate_pb.FINISH_REASON_MAX_TOKENS
             else:
                 assert finished == generate_pb.FINISH_REASON_CANCELLED
-        assert process.wait(timeout=30) == 0, log.read_text()
+        assert exit_code(process, log, 30) == 0, log.read_text()
     finally:
         if process.poll() is None:
             process.kill()
@@ -106,7 +115,7 @@ def test_a_second_sigterm_with_16_streams_exits_143_at_once(model_path, tmp_path
             wait_not_serving(channel)
             process.send_signal(signal.SIGTERM)
             forced = time.monotonic()
-            assert process.wait(timeout=10) == 128 + signal.SIGTERM, log.read_text()
+            assert exit_code(process, log, 10) == 128 + signal.SIGTERM, log.read_text()
             assert time.monotonic() - forced < 5
             for thread in threads:
                 thread.join(timeout=10)
