@@ -43,6 +43,8 @@ SPREAD_STREAMS = 10
 AFTER_EXIT_STREAMS = 10
 # Clients of the steady flow, each sending one stream after another.
 FLOW_CLIENTS = 2
+# Streams in a row on the staying replica that show the channel no longer picks the draining one.
+SETTLED_STREAMS = 4
 
 
 class Replica:
@@ -161,6 +163,22 @@ def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.02)
 
 
+class Settled:
+    """Whether the channel has stopped picking `draining`: it is idle, and `staying` has served
+    SETTLED_STREAMS since `draining` last served one (round_robin would alternate otherwise)."""
+
+    def __init__(self, draining: Replica, staying: Replica):
+        self.draining, self.staying = draining, staying
+        self.last = (-1, 0)
+
+    def __call__(self) -> bool:
+        served = self.draining.served()
+        if served != self.last[0]:
+            self.last = (served, self.staying.served())
+            return False
+        return self.draining.idle() and self.staying.served() - self.last[1] >= SETTLED_STREAMS
+
+
 def both_used(stub, replicas: list[Replica]) -> bool:
     """One more stream; whether each replica has served one."""
     generate(stub)
@@ -194,8 +212,11 @@ def test_round_robin_spreads_streams_and_a_drain_fails_none(model_path, tmp_path
                 draining.process.send_signal(signal.SIGTERM)
                 not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
                 wait_for(lambda: draining.health() == not_serving, 5, "still SERVING")
-                # Still in its drain delay: the streams it had end, and no new one comes.
-                wait_for(draining.idle, DRAIN_DELAY_SECONDS / 2, "its streams did not end")
+                # The channel learns it from its health watch a moment later; a pick made before
+                # that still goes there. Still in its drain delay: the streams it had end, the
+                # flow moves to the other, and no new one comes.
+                settled = Settled(draining, staying)
+                wait_for(settled, DRAIN_DELAY_SECONDS / 2, "the channel kept picking it")
                 ended = draining.served()
                 time.sleep(DRAIN_DELAY_SECONDS / 4)
                 assert draining.idle() and draining.served() == ended, "picked when NOT_SERVING"
