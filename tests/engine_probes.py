@@ -197,3 +197,11 @@ def frozen_objects(worker: Worker) -> int:
     import gc
 
     return gc.get_freeze_count()
+
+
+def hold_exit(worker: Worker) -> None:
+    """A thread that never ends and that the interpreter's teardown joins, as a C library's
+    thread joined at exit may never end."""
+    import threading
+
+    threading.Thread(target=threading.Event().wait, name="never-ends", daemon=False).start()

@@ -16,13 +16,14 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlx.core as mx
 
@@ -392,6 +393,24 @@ def run_engine_process(
         module, name = hook.split(":")
         getattr(importlib.import_module(module), name)(worker)
     worker.run()
+    exit_now()
+
+
+def exit_now() -> NoReturn:
+    """End the engine process once its loop has ended and said so (`Stopped`), without the
+    interpreter's and the C libraries' teardown.
+
+    Nothing is left to finalize: every reply went down the pipe as it was made. The teardown
+    could only hold the process: with Debian's OpenBLAS preloaded (the CPU setup .ci/run uses),
+    about 1 shutdown in 50 on a loaded 2-core host hung in OpenBLAS's exit handler, which joins
+    its worker thread while that thread sleeps on a wakeup it missed (gdb: _dl_fini →
+    gotoblas_quit → blas_thread_shutdown_ → pthread_join), until the server gave up waiting
+    30 s later and killed it.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 MLX_BACKENDS = ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal")
