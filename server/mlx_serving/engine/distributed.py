@@ -44,7 +44,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -618,7 +618,7 @@ class Follower:
             raise RuntimeError(f"unknown op {kind!r} from rank 0")
 
 
-def follow() -> int:
+def follow() -> NoReturn:
     """A rank past 0's `serve`: no server, only rank 0's ops, until rank 0 stops."""
     group = init_group()
     log.info(
@@ -627,4 +627,6 @@ def follow() -> int:
         group.size(),
     )
     Follower(group).run()
-    return 0
+    from .worker import exit_now  # here: the worker imports this module
+
+    exit_now()  # as rank 0's engine process does, without the C libraries' teardown

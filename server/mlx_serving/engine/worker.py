@@ -397,8 +397,8 @@ def run_engine_process(
 
 
 def exit_now() -> NoReturn:
-    """End the engine process once its loop has ended and said so (`Stopped`), without the
-    interpreter's and the C libraries' teardown.
+    """End the engine process once its loop has ended and said so (`Stopped`), or a follower
+    rank once rank 0 has stopped, without the interpreter's and the C libraries' teardown.
 
     Nothing is left to finalize: every reply went down the pipe as it was made. The teardown
     could only hold the process: with Debian's OpenBLAS preloaded (the CPU setup .ci/run uses),

@@ -356,7 +356,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from mlx_serving.engine import distributed
 
         if (distributed.launched_rank() or 0) > 0:
-            return distributed.follow()
+            distributed.follow()  # ends the process once rank 0 stops
         # Its followers cannot join a restarted engine: a failure ends the whole group.
         config.engine.max_engine_restarts = 0
     return asyncio.run(serve(config))
